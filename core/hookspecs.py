@@ -1,0 +1,60 @@
+"""The hooks a kvmkit plugin can implement (pluggy project "kvmkit").
+
+Per-exit dispatch does not go through hooks: the buses own a sorted range
+table that devices fill in at creation time.  Hooks decide *who* owns which
+ranges (device enumeration), handle what no range claims, and mark the VM's
+lifecycle.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kvmkit")
+
+
+@hookspec
+def kvmkit_device_spec():
+    """Return the :class:`~kvmkit.plugin_api.DeviceSpec` this plugin provides
+    (or a list of them).  Called once when the plugin is loaded; the kinds it
+    names are what the machine file may ask for."""
+
+
+@hookspec(firstresult=True)
+def kvmkit_create_device(kind, config, ctx):
+    """Create the device ``kind`` from its validated ``config``
+    (:class:`~kvmkit.plugin_api.DeviceConfig`).
+
+    The device registers its I/O ranges and IRQ lines through ``ctx``
+    (:class:`~kvmkit.plugin_api.DeviceContext`).  Return the device object,
+    or ``None`` if this plugin does not provide ``kind``.  If the returned
+    object has a ``close()`` method the core calls it once when the VM ends
+    (also after a crash), and ``start()`` once before the first vCPU runs.
+    Raise :class:`~kvmkit.plugin_api.DeviceError` for a configuration the
+    host cannot honour (a missing file, a busy socket): its message is shown
+    to the user as it is.
+    """
+
+
+@hookspec
+def kvmkit_kernel_cmdline(machine):
+    """Return extra kernel command-line words (a string) that the devices of
+    this plugin need, or ``None``.  ``machine`` is the validated machine
+    configuration.  Words the user already wrote are not repeated."""
+
+
+@hookspec(firstresult=True)
+def kvmkit_unhandled_io(space, address, size, is_write, value):
+    """An access no device range claims.  ``space`` is ``"pio"`` or
+    ``"mmio"``.  Return an int (the value read; for writes anything not None)
+    to claim it; return None to leave it to the core, which logs the first
+    access per address and reads all-ones."""
+
+
+@hookspec
+def kvmkit_vm_started(vm):
+    """All devices exist and the vCPUs are about to run."""
+
+
+@hookspec
+def kvmkit_vm_stopped(vm, reason, exit_code):
+    """The vCPUs have stopped; devices are closed right after this."""

@@ -1,0 +1,244 @@
+"""The one module device plugins import.
+
+A device plugin is a module (named by an entry point in the group
+``kvmkit.devices``; the entry-point name is the machine file's ``kind``) that
+implements two hooks:
+
+.. code-block:: python
+
+    from kvmkit.plugin_api import hookimpl, DeviceSpec, Key
+
+    SPEC = DeviceSpec(kind="rtc", summary="MC146818 CMOS clock",
+                      keys=(Key("port", int, 0x70, "first I/O port"),))
+
+    @hookimpl
+    def kvmkit_device_spec():
+        return SPEC
+
+    @hookimpl
+    def kvmkit_create_device(kind, config, ctx):
+        if kind != SPEC.kind:
+            return None
+        return MyDevice(config, ctx)      # registers its ranges through ctx
+
+The core validates every ``[[device]]`` table against ``SPEC.keys`` before
+``kvmkit_create_device`` is called, so ``config`` holds typed values with the
+defaults filled in (``config.port``, ``config["port"]``).
+
+Devices are reached from vCPU threads (through the buses) and from their own
+threads (started with ``ctx.spawn``).  The core holds ``ctx.lock`` around every
+bus access to the device; a device's own threads take ``ctx.lock`` before they
+touch device state, so device code stays single-threaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+import pluggy
+
+PROJECT = "kvmkit"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "hookimpl", "Key", "DeviceSpec", "DeviceConfig", "Size", "REQUIRED",
+    "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
+    "DeviceError", "PIO", "MMIO",
+]
+
+PIO = "pio"
+MMIO = "mmio"
+
+
+class DeviceError(Exception):
+    """A device cannot be set up as configured (the message says what to fix)."""
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range is not inside guest RAM."""
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+class Size(int):
+    """A byte count written as an int or a string with a K/M/G/T suffix ("256M")."""
+
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    @classmethod
+    def parse(cls, value: Any) -> "Size":
+        if isinstance(value, bool):
+            raise ValueError("expected a size such as 256M")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("a size cannot be negative")
+            return cls(value)
+        if not isinstance(value, str):
+            raise ValueError("expected a size such as 256M")
+        text = value.strip().upper()
+        if text.endswith("IB"):
+            text = text[:-2]
+        elif text.endswith("B"):
+            text = text[:-1]
+        unit = text[-1:] if text[-1:] in cls._UNITS and text[-1:] else ""
+        number = text[: len(text) - len(unit)].strip()
+        try:
+            return cls(int(number, 0) * cls._UNITS[unit])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a size such as 256M or 2G") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One machine-file key of a device kind.
+
+    ``type`` is one of ``int``, ``bool``, ``str``, ``float``, ``Path`` (resolved
+    relative to the machine file), ``Size`` or ``list`` (of strings).
+    """
+
+    name: str
+    type: type
+    default: Any = REQUIRED
+    doc: str = ""
+    choices: tuple | None = None
+    min: int | None = None
+    max: int | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def type_name(self) -> str:
+        return {int: "int", bool: "bool", str: "string", float: "float", Path: "path",
+                Size: "size", list: "list of strings"}.get(self.type, self.type.__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What a device kind is called, what it is, and which keys it takes."""
+
+    kind: str
+    summary: str
+    keys: tuple[Key, ...] = ()
+
+    def key(self, name: str) -> Key | None:
+        for k in self.keys:
+            if k.name == name:
+                return k
+        return None
+
+
+class DeviceConfig(Mapping[str, Any]):
+    """A validated ``[[device]]`` table: typed values, defaults filled in."""
+
+    def __init__(self, kind: str, values: Mapping[str, Any], where: str = ""):
+        self._kind = kind
+        self._values = dict(values)
+        self._where = where
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def where(self) -> str:
+        """Where the table came from, for error messages ("machine.toml: device[2]")."""
+        return self._where
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"DeviceConfig({self._kind!r}, {self._values!r})"
+
+
+@runtime_checkable
+class IoHandler(Protocol):
+    """What a device registers on a bus.  ``offset`` is relative to the range base."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class IrqLine(Protocol):
+    """An interrupt input of the in-kernel interrupt controllers (a GSI)."""
+
+    gsi: int
+
+    def set_level(self, high: bool) -> None: ...
+
+    def pulse(self) -> None: ...
+
+
+class GuestMemory(Protocol):
+    """Guest RAM.  Every access is bounds-checked; a range that is not wholly
+    inside RAM raises GuestMemoryError and touches nothing."""
+
+    size: int
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def view(self, gpa: int, length: int) -> memoryview: ...
+
+    def contains(self, gpa: int, length: int) -> bool: ...
+
+
+class DeviceContext(Protocol):
+    """What the core gives a device when it is created."""
+
+    name: str                   # instance name, e.g. "serial8250.0"
+    machine_name: str
+    memory: GuestMemory
+    lock: threading.RLock       # held by the core around every bus access
+    log: logging.Logger
+
+    def add_io(self, space: str, base: int, size: int, handler: IoHandler) -> None:
+        """Claim ``[base, base+size)`` on the PIO or MMIO bus."""
+
+    def irq(self, gsi: int) -> IrqLine:
+        """The interrupt line ``gsi`` (ISA IRQs 0-15 are GSIs 0-15)."""
+
+    def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
+        """Start a daemon thread the core knows of (joined at shutdown)."""
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        """Ask the VMM to stop the VM (guest reset, user quit...)."""
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once the VM is stopping; device threads poll or wait on it."""
+
+
+def keys_doc(keys: Iterable[Key]) -> str:
+    """A one-line-per-key description (used by docs and listings)."""
+    lines = []
+    for k in keys:
+        default = "required" if k.required else f"default {k.default!r}"
+        choices = f", one of {', '.join(map(str, k.choices))}" if k.choices else ""
+        lines.append(f"{k.name} ({k.type_name}, {default}{choices}): {k.doc}")
+    return "\n".join(lines)
