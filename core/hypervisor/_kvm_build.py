@@ -1,0 +1,147 @@
+"""cffi (API mode) bindings to the KVM ioctl interface.
+
+Compiled at install time against the system's <linux/kvm.h>, so every
+ioctl number and struct layout comes from the kernel headers.  The parts of
+``struct kvm_run``'s exit union that kvmkit reads are mirrored as small
+named structs at the union's offset (checked against the header with
+static assertions below).
+"""
+from cffi import FFI
+
+IOCTLS = """
+KVM_GET_API_VERSION KVM_CREATE_VM KVM_GET_VCPU_MMAP_SIZE KVM_CHECK_EXTENSION
+KVM_GET_SUPPORTED_CPUID KVM_CREATE_VCPU KVM_RUN KVM_SET_USER_MEMORY_REGION
+KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP_ADDR
+KVM_IRQ_LINE KVM_SET_CPUID2 KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS
+KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU KVM_SET_MSRS KVM_GET_LAPIC KVM_SET_LAPIC
+KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_MP_STATE KVM_SET_MP_STATE
+KVM_IOEVENTFD KVM_IRQFD KVM_SET_GSI_ROUTING KVM_SIGNAL_MSI KVM_TRANSLATE
+KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG
+KVM_EXIT_HLT KVM_EXIT_MMIO KVM_EXIT_IRQ_WINDOW_OPEN KVM_EXIT_SHUTDOWN
+KVM_EXIT_FAIL_ENTRY KVM_EXIT_INTR KVM_EXIT_SET_TPR KVM_EXIT_TPR_ACCESS
+KVM_EXIT_NMI KVM_EXIT_INTERNAL_ERROR KVM_EXIT_SYSTEM_EVENT
+KVM_EXIT_IO_IN KVM_EXIT_IO_OUT KVM_INTERNAL_ERROR_EMULATION
+KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
+KVM_CAP_IRQCHIP KVM_CAP_USER_MEMORY KVM_CAP_SET_TSS_ADDR KVM_CAP_EXT_CPUID
+KVM_CAP_IOEVENTFD KVM_CAP_IRQFD KVM_CAP_PIT2 KVM_CAP_IRQ_ROUTING KVM_CAP_NR_VCPUS
+KVM_CAP_MAX_VCPUS KVM_CAP_VCPU_EVENTS KVM_CAP_IMMEDIATE_EXIT
+KVM_PIT_SPEAKER_DUMMY KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+""".split()
+
+CDEF = """
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef int __s32;
+
+struct kvm_userspace_memory_region {
+    __u32 slot; __u32 flags; __u64 guest_phys_addr; __u64 memory_size; __u64 userspace_addr;
+};
+struct kvm_pit_config { __u32 flags; ...; };
+struct kvm_regs {
+    __u64 rax, rbx, rcx, rdx; __u64 rsi, rdi, rsp, rbp;
+    __u64 r8, r9, r10, r11; __u64 r12, r13, r14, r15; __u64 rip, rflags;
+};
+struct kvm_segment {
+    __u64 base; __u32 limit; __u16 selector; __u8 type;
+    __u8 present, dpl, db, s, l, g, avl; __u8 unusable; ...;
+};
+struct kvm_dtable { __u64 base; __u16 limit; ...; };
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss; struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt; __u64 cr0, cr2, cr3, cr4, cr8; __u64 efer; __u64 apic_base;
+    ...;
+};
+struct kvm_fpu { __u16 fcw; __u16 fsw; __u8 ftwx; __u32 mxcsr; ...; };
+struct kvm_msr_entry { __u32 index; __u32 reserved; __u64 data; };
+struct kvm_cpuid_entry2 {
+    __u32 function; __u32 index; __u32 flags; __u32 eax; __u32 ebx; __u32 ecx; __u32 edx; ...;
+};
+struct kvm_lapic_state { char regs[1024]; };
+struct kvm_mp_state { __u32 mp_state; };
+struct kvm_translation {
+    __u64 linear_address; __u64 physical_address; __u8 valid; __u8 writeable; __u8 usermode; ...;
+};
+struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
+struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
+struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; ...; };
+struct kvm_run {
+    __u8 request_interrupt_window; __u8 immediate_exit;
+    __u32 exit_reason; __u8 ready_for_interrupt_injection; __u8 if_flag;
+    ...;
+};
+
+/* mirrors of members of kvm_run's exit union, checked in the C source */
+struct kvmkit_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
+struct kvmkit_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };
+struct kvmkit_internal { __u32 suberror; __u32 ndata; __u64 data[16]; };
+struct kvmkit_system_event { __u32 type; __u32 ndata; __u64 data[16]; };
+struct kvmkit_fail_entry { __u64 hardware_entry_failure_reason; __u32 cpu; };
+
+static const int KVMKIT_EXIT_UNION_OFFSET;
+static const int KVMKIT_CPUID2_HEADER;
+static const int KVMKIT_MSRS_HEADER;
+static const int KVMKIT_EVENTS_SIZE;
+static const int KVMKIT_EVENTS_FLAGS_OFFSET;
+static const int KVMKIT_EVENTS_EXCEPTION_OFFSET;
+
+int kvmkit_ioctl(int fd, unsigned long request, void *arg);
+int kvmkit_ioctl_val(int fd, unsigned long request, unsigned long arg);
+""" + "".join(f"#define {name} ...\n" for name in IOCTLS)
+
+SOURCE = r"""
+#include <errno.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+
+struct kvmkit_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
+struct kvmkit_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };
+struct kvmkit_internal { __u32 suberror; __u32 ndata; __u64 data[16]; };
+struct kvmkit_system_event { __u32 type; __u32 ndata; __u64 data[16]; };
+struct kvmkit_fail_entry { __u64 hardware_entry_failure_reason; __u32 cpu; };
+
+#define SAME(mirror, member) \
+    _Static_assert(sizeof(struct mirror) <= sizeof(((struct kvm_run *)0)->member), #member); \
+    _Static_assert(offsetof(struct kvm_run, member) == offsetof(struct kvm_run, io), #member)
+SAME(kvmkit_io, io);
+SAME(kvmkit_mmio, mmio);
+SAME(kvmkit_internal, internal);
+SAME(kvmkit_fail_entry, fail_entry);
+_Static_assert(offsetof(struct kvm_run, io.port) - offsetof(struct kvm_run, io)
+               == offsetof(struct kvmkit_io, port), "io.port");
+_Static_assert(offsetof(struct kvm_run, io.data_offset) - offsetof(struct kvm_run, io)
+               == offsetof(struct kvmkit_io, data_offset), "io.data_offset");
+_Static_assert(offsetof(struct kvm_run, mmio.is_write) - offsetof(struct kvm_run, mmio)
+               == offsetof(struct kvmkit_mmio, is_write), "mmio.is_write");
+_Static_assert(offsetof(struct kvm_run, system_event.type) == offsetof(struct kvm_run, io),
+               "system_event.type");
+
+static const int KVMKIT_EXIT_UNION_OFFSET = offsetof(struct kvm_run, io);
+static const int KVMKIT_CPUID2_HEADER = offsetof(struct kvm_cpuid2, entries);
+static const int KVMKIT_MSRS_HEADER = offsetof(struct kvm_msrs, entries);
+static const int KVMKIT_EVENTS_SIZE = sizeof(struct kvm_vcpu_events);
+static const int KVMKIT_EVENTS_FLAGS_OFFSET = offsetof(struct kvm_vcpu_events, flags);
+static const int KVMKIT_EVENTS_EXCEPTION_OFFSET = offsetof(struct kvm_vcpu_events, exception);
+
+/* ioctl wrappers: return the result, or -errno; the GIL is released by cffi. */
+int kvmkit_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+int kvmkit_ioctl_val(int fd, unsigned long request, unsigned long arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("kvmkit.hypervisor._kvm", SOURCE)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,245 @@
+"""KVM system, VM and vCPU file descriptors.
+
+Knows KVM and nothing about devices.  Every ioctl goes through ``_ioctl``,
+which turns a negative errno into :class:`KvmError`.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+
+from ._kvm import ffi, lib
+
+KVM_PATH = "/dev/kvm"
+KVM_API_VERSION = 12
+
+
+class KvmError(OSError):
+    """An ioctl on a KVM file descriptor failed."""
+
+
+class KvmUnavailable(Exception):
+    """/dev/kvm cannot be used (the message says how to fix it)."""
+
+
+def _ioctl(fd: int, request: int, arg=ffi.NULL, what: str = "") -> int:
+    r = lib.kvmkit_ioctl(fd, request, arg)
+    if r < 0:
+        raise KvmError(-r, f"{what or hex(request)}: {os.strerror(-r)}")
+    return r
+
+
+def _ioctl_val(fd: int, request: int, value: int, what: str = "") -> int:
+    r = lib.kvmkit_ioctl_val(fd, request, value)
+    if r < 0:
+        raise KvmError(-r, f"{what or hex(request)}: {os.strerror(-r)}")
+    return r
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = KVM_PATH):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                f"{path} does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) "
+                "and enable virtualization in the firmware") from None
+        except PermissionError:
+            raise KvmUnavailable(
+                f"no read/write access to {path}: add yourself to its group "
+                f"(sudo usermod -aG kvm $USER, then log in again) or run as root") from None
+        version = _ioctl_val(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        if version != KVM_API_VERSION:
+            raise KvmUnavailable(f"{path} speaks KVM API {version}, kvmkit needs {KVM_API_VERSION}")
+        self.vcpu_mmap_size = _ioctl_val(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0)
+
+    def check_extension(self, cap: int) -> int:
+        return lib.kvmkit_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+
+    def supported_cpuid(self) -> list[list[int]]:
+        """KVM_GET_SUPPORTED_CPUID as [function, index, flags, eax, ebx, ecx, edx] rows."""
+        n = 256
+        while True:
+            buf = ffi.new("char[]", lib.KVMKIT_CPUID2_HEADER + n * ffi.sizeof("struct kvm_cpuid_entry2"))
+            ffi.cast("__u32 *", buf)[0] = n
+            r = lib.kvmkit_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf)
+            if r == -errno.E2BIG:
+                n *= 2
+                continue
+            if r < 0:
+                raise KvmError(-r, "KVM_GET_SUPPORTED_CPUID: " + os.strerror(-r))
+            count = ffi.cast("__u32 *", buf)[0]
+            entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + lib.KVMKIT_CPUID2_HEADER)
+            return [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
+                    for e in (entries[i] for i in range(count))]
+
+    def create_vm(self) -> "Vm":
+        fd = _ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        return Vm(self, fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vm:
+    """A VM file descriptor: memory slots, interrupt controllers, vCPUs."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        self.kvm = kvm
+        self.fd = fd
+        self._slots: list = []
+
+    def map_memory(self, memory) -> None:
+        """Register every region of a GuestMemory as a memory slot."""
+        base = ffi.from_buffer(memory.host_buffer())
+        self._slots.append(base)
+        for slot, r in enumerate(memory.regions):
+            region = ffi.new("struct kvm_userspace_memory_region *", {
+                "slot": slot, "flags": 0, "guest_phys_addr": r.gpa, "memory_size": r.size,
+                "userspace_addr": int(ffi.cast("uintptr_t", base)) + r.offset})
+            _ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        value = ffi.new("__u64 *", addr)
+        _ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, value, "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, lib.KVM_CREATE_IRQCHIP, ffi.NULL, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        cfg = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        _ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
+
+    def irq_line(self, gsi: int, level: int) -> None:
+        # struct kvm_irq_level { union { __u32 irq; __s32 status; }; __u32 level; }
+        buf = ffi.new("__u32[2]", [gsi, level])
+        _ioctl(self.fd, lib.KVM_IRQ_LINE, buf, "KVM_IRQ_LINE")
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        fd = _ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        return Vcpu(self, fd, index)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self._slots.clear()
+
+
+class Vcpu:
+    """A vCPU file descriptor and its shared ``kvm_run`` page."""
+
+    def __init__(self, vm: Vm, fd: int, index: int):
+        self.vm = vm
+        self.fd = fd
+        self.index = index
+        self.run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_buf = memoryview(self.run_map)
+        base = ffi.from_buffer(self.run_map)
+        self._base = base
+        self.run = ffi.cast("struct kvm_run *", base)
+        union = base + lib.KVMKIT_EXIT_UNION_OFFSET
+        self.io = ffi.cast("struct kvmkit_io *", union)
+        self.mmio = ffi.cast("struct kvmkit_mmio *", union)
+        self.internal = ffi.cast("struct kvmkit_internal *", union)
+        self.system_event = ffi.cast("struct kvmkit_system_event *", union)
+        self.fail_entry = ffi.cast("struct kvmkit_fail_entry *", union)
+        self.mmio_data = self.run_buf[lib.KVMKIT_EXIT_UNION_OFFSET + 8:lib.KVMKIT_EXIT_UNION_OFFSET + 16]
+
+    # -- running ---------------------------------------------------------------
+    def run_once(self) -> int:
+        """One KVM_RUN: 0 on an exit to handle, else -errno (EINTR, EAGAIN)."""
+        r = lib.kvmkit_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        return r if r < 0 else 0
+
+    # -- state -----------------------------------------------------------------
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        _ioctl(self.fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs) -> None:
+        _ioctl(self.fd, lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        _ioctl(self.fd, lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        _ioctl(self.fd, lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self):
+        fpu = ffi.new("struct kvm_fpu *")
+        _ioctl(self.fd, lib.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu) -> None:
+        _ioctl(self.fd, lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def set_cpuid(self, rows: list[list[int]]) -> None:
+        size = ffi.sizeof("struct kvm_cpuid_entry2")
+        buf = ffi.new("char[]", lib.KVMKIT_CPUID2_HEADER + len(rows) * size)
+        ffi.cast("__u32 *", buf)[0] = len(rows)
+        entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + lib.KVMKIT_CPUID2_HEADER)
+        for i, (function, index, flags, eax, ebx, ecx, edx) in enumerate(rows):
+            e = entries[i]
+            e.function, e.index, e.flags = function, index, flags
+            e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
+        _ioctl(self.fd, lib.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        size = ffi.sizeof("struct kvm_msr_entry")
+        buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(msrs) * size)
+        ffi.cast("__u32 *", buf)[0] = len(msrs)
+        entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
+        for i, (index, data) in enumerate(msrs.items()):
+            entries[i].index = index
+            entries[i].data = data
+        done = _ioctl(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        if done != len(msrs):
+            bad = list(msrs)[done]
+            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {bad:#x} was refused")
+
+    def get_lapic(self) -> bytearray:
+        state = ffi.new("struct kvm_lapic_state *")
+        _ioctl(self.fd, lib.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return bytearray(ffi.buffer(state))
+
+    def set_lapic(self, regs: bytearray) -> None:
+        state = ffi.new("struct kvm_lapic_state *")
+        ffi.buffer(state)[:] = bytes(regs)
+        _ioctl(self.fd, lib.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def inject_exception(self, vector: int) -> None:
+        """Queue a hardware exception without an error code (KVM_SET_VCPU_EVENTS)."""
+        buf = ffi.new("char[]", lib.KVMKIT_EVENTS_SIZE)
+        _ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, buf, "KVM_GET_VCPU_EVENTS")
+        exc = lib.KVMKIT_EVENTS_EXCEPTION_OFFSET
+        # struct { __u8 injected, nr, has_error_code, pending; __u32 error_code; } exception
+        buf[exc:exc + 8] = struct.pack("<BBBBI", 1, vector, 0, 0, 0)
+        ffi.cast("__u32 *", buf + lib.KVMKIT_EVENTS_FLAGS_OFFSET)[0] = 0
+        _ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, buf, "KVM_SET_VCPU_EVENTS")
+
+    def translate(self, linear: int) -> int | None:
+        tr = ffi.new("struct kvm_translation *", {"linear_address": linear})
+        _ioctl(self.fd, lib.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        return tr.physical_address if tr.valid else None
+
+    def close(self) -> None:
+        self.mmio_data.release()
+        self.run_buf.release()
+        # cffi still references the mapping through self._base; drop it first
+        self.run = self.io = self.mmio = self.internal = self.system_event = None
+        self.fail_entry = self._base = None
+        try:
+            self.run_map.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
