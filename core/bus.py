@@ -1,0 +1,110 @@
+"""Port-I/O and MMIO buses: sorted range tables looked up with bisect.
+
+Each range belongs to a device; the device's lock is held around every call
+into its handler, so device code is never entered by two threads at once.
+An access no range claims goes to the ``miss`` callback (the
+``kvmkit_unhandled_io`` hook); if that declines, the first access to each
+address is logged and reads return all-ones.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger("kvmkit.bus")
+
+
+class BusConflict(Exception):
+    """Two devices claim overlapping ranges."""
+
+
+class DeviceFault(Exception):
+    """A device raised while handling an access; carries the device's name."""
+
+    def __init__(self, device: str, error: BaseException):
+        super().__init__(f"device {device} failed: {type(error).__name__}: {error}")
+        self.device = device
+        self.error = error
+
+
+class Range:
+    __slots__ = ("base", "size", "end", "handler", "lock", "owner")
+
+    def __init__(self, base: int, size: int, handler, lock, owner: str):
+        self.base, self.size, self.end = base, size, base + size
+        self.handler, self.lock, self.owner = handler, lock, owner
+
+
+MissHandler = Callable[[str, int, int, bool, int], "int | None"]
+
+
+class Bus:
+    def __init__(self, space: str, miss: MissHandler | None = None):
+        self.space = space
+        self._bases: list[int] = []
+        self._ranges: list[Range] = []
+        self._miss = miss
+        self._missed: set[int] = set()
+        self._missed_lock = threading.Lock()
+
+    def add(self, base: int, size: int, handler, lock, owner: str) -> None:
+        if size <= 0 or base < 0:
+            raise BusConflict(f"{owner}: bad {self.space} range {base:#x}+{size:#x}")
+        i = bisect.bisect_right(self._bases, base)
+        for neighbour in self._ranges[max(i - 1, 0):i + 1]:
+            if base < neighbour.end and neighbour.base < base + size:
+                raise BusConflict(
+                    f"{owner}: {self.space} range {base:#x}-{base + size - 1:#x} overlaps "
+                    f"{neighbour.owner} at {neighbour.base:#x}-{neighbour.end - 1:#x}")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, Range(base, size, handler, lock, owner))
+
+    def find(self, addr: int) -> Range | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.end:
+                return r
+        return None
+
+    def ranges(self) -> list[Range]:
+        return list(self._ranges)
+
+    # -- dispatch ------------------------------------------------------------------
+    def read(self, addr: int, size: int) -> int:
+        r = self.find(addr)
+        if r is None or addr + size > r.end:
+            return self._unclaimed(addr, size, False, 0)
+        try:
+            with r.lock:
+                value = r.handler.read(addr - r.base, size)
+        except Exception as e:
+            raise DeviceFault(r.owner, e) from e
+        return value & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        r = self.find(addr)
+        if r is None or addr + size > r.end:
+            self._unclaimed(addr, size, True, value)
+            return
+        try:
+            with r.lock:
+                r.handler.write(addr - r.base, size, value)
+        except Exception as e:
+            raise DeviceFault(r.owner, e) from e
+
+    def _unclaimed(self, addr: int, size: int, is_write: bool, value: int) -> int:
+        if self._miss is not None:
+            result = self._miss(self.space, addr, size, is_write, value)
+            if result is not None:
+                return 0 if is_write else int(result) & ((1 << (8 * size)) - 1)
+        if addr not in self._missed:
+            with self._missed_lock:
+                if addr not in self._missed:
+                    self._missed.add(addr)
+                    log.info("unclaimed %s %s at %#x (size %d)%s; ignoring further accesses",
+                             self.space, "write" if is_write else "read", addr, size,
+                             f" value {value:#x}" if is_write else "")
+        return (1 << (8 * size)) - 1

@@ -1,0 +1,144 @@
+"""vCPU threads and the exit dispatcher.
+
+``handle_exit`` is a pure function of a vCPU's exit state and the buses: it
+reads what ``kvm_run`` says, performs the I/O, and returns ``None`` to keep
+running or a :class:`Stop`.  Tests drive it with made-up exits.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+
+from .hypervisor import host_quirks
+from .hypervisor._kvm import lib
+
+log = logging.getLogger("kvmkit.vcpu")
+
+EXIT_OK = 0          # guest reset, power-off, triple fault, user quit
+EXIT_ERROR = 1       # VMM error, guest the VMM cannot continue
+EXIT_USAGE = 2       # bad machine file or command line
+
+EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
+              if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    reason: str
+    code: int
+
+
+def handle_io(bus, port: int, size: int, count: int, is_out: bool, data: memoryview) -> None:
+    """A port-I/O exit: ``count`` accesses of ``size`` bytes (string I/O repeats)."""
+    if size not in (1, 2, 4) or count * size > len(data):
+        raise ValueError(f"malformed port I/O exit (size {size}, count {count})")
+    for i in range(count):
+        chunk = data[i * size:(i + 1) * size]
+        if is_out:
+            bus.write(port, size, int.from_bytes(chunk, "little"))
+        else:
+            chunk[:] = bus.read(port, size).to_bytes(size, "little")
+
+
+def handle_mmio(bus, addr: int, length: int, is_write: bool, data: memoryview) -> None:
+    if length not in (1, 2, 4, 8):
+        raise ValueError(f"malformed MMIO exit (length {length})")
+    if is_write:
+        bus.write(addr, length, int.from_bytes(data[:length], "little"))
+    else:
+        data[:length] = bus.read(addr, length).to_bytes(length, "little")
+
+
+def handle_exit(vcpu, pio, mmio, quirks: bool = False) -> Stop | None:
+    """Handle the exit described by ``vcpu.run`` (and its exit-union views)."""
+    reason = vcpu.run.exit_reason
+    if reason == lib.KVM_EXIT_IO:
+        io = vcpu.io
+        off = io.data_offset
+        handle_io(pio, io.port, io.size, io.count, io.direction == lib.KVM_EXIT_IO_OUT,
+                  vcpu.run_buf[off:off + io.size * io.count])
+        return None
+    if reason == lib.KVM_EXIT_MMIO:
+        m = vcpu.mmio
+        handle_mmio(mmio, m.phys_addr, m.len, bool(m.is_write), vcpu.mmio_data)
+        return None
+    if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
+        return None
+    if reason == lib.KVM_EXIT_SHUTDOWN:
+        return Stop("guest reset (triple fault)", EXIT_OK)
+    if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+        kind = vcpu.system_event.type
+        if kind == lib.KVM_SYSTEM_EVENT_RESET:
+            return Stop("guest reset", EXIT_OK)
+        if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return Stop("guest power-off", EXIT_OK)
+        return Stop(f"guest system event {kind}", EXIT_ERROR)
+    if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+        internal = vcpu.internal
+        raw = bytes(b for word in list(internal.data)[:4] for b in int(word).to_bytes(8, "little"))
+        if internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
+            insn = host_quirks.emulation_failure_insn(raw)
+            if quirks and host_quirks.assist(vcpu, insn):
+                return None
+            return Stop(f"vCPU {vcpu.index}: KVM cannot emulate instruction "
+                        f"{insn.hex(' ') or '(unknown)'}", EXIT_ERROR)
+        return Stop(f"vCPU {vcpu.index}: KVM internal error {internal.suberror}", EXIT_ERROR)
+    if reason == lib.KVM_EXIT_FAIL_ENTRY:
+        code = vcpu.fail_entry.hardware_entry_failure_reason
+        return Stop(f"vCPU {vcpu.index}: VM entry failed (hardware reason {code:#x})", EXIT_ERROR)
+    if reason == lib.KVM_EXIT_HLT:
+        return Stop(f"vCPU {vcpu.index} halted with interrupts off", EXIT_OK)
+    return Stop(f"vCPU {vcpu.index}: unexpected exit {EXIT_NAMES.get(reason, reason)}", EXIT_ERROR)
+
+
+class VcpuThread(threading.Thread):
+    """Runs one vCPU until the machine stops."""
+
+    def __init__(self, vcpu, machine):
+        super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
+        self.vcpu = vcpu
+        self.machine = machine
+        self.exits: collections.Counter = collections.Counter()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return now (and at once the next time it is called)."""
+        run = self.vcpu.run
+        if run is not None:
+            run.immediate_exit = 1
+        if self.ident is not None and self.is_alive():
+            try:
+                signal.pthread_kill(self.ident, signal.SIGUSR1)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def run(self) -> None:
+        m = self.machine
+        vcpu = self.vcpu
+        exits = self.exits
+        pio, mmio, quirks = m.pio, m.mmio, m.quirks
+        stopping = m.stopping
+        try:
+            while not stopping.is_set():
+                r = vcpu.run_once()
+                if r < 0:
+                    if r == -errno.EINTR:
+                        continue
+                    if r == -errno.EAGAIN:      # an AP waiting for its start-up IPI
+                        time.sleep(0.001)
+                        continue
+                    m.request_stop(f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(-r)}", EXIT_ERROR)
+                    return
+                exits[vcpu.run.exit_reason] += 1
+                stop = handle_exit(vcpu, pio, mmio, quirks)
+                if stop is not None:
+                    m.request_stop(stop.reason, stop.code)
+                    return
+        except Exception as e:                   # a device fault or a bug: stop, never hang
+            log.debug("vCPU %d stopped by an exception", vcpu.index, exc_info=True)
+            m.request_stop(f"vCPU {vcpu.index}: {e}", EXIT_ERROR)
