@@ -1,0 +1,263 @@
+"""Assemble a VM from a validated machine configuration and run it.
+
+This is the one place that sees the whole machine: KVM, guest memory, the
+buses, the devices the plugins create, the boot image and the vCPU threads.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from .boot import BootError, load_linux
+from .bus import Bus, BusConflict
+from .config import MachineConfig, validate_device
+from .hypervisor import cpu_setup, host_quirks
+from .hypervisor.kvm import Kvm
+from .memory import GuestMemory
+from .plugin_api import MMIO, PIO, DeviceError
+from .plugins import PluginError, load_kinds, new_manager
+from .vcpu import EXIT_ERROR, Stop, VcpuThread
+
+log = logging.getLogger("kvmkit.machine")
+
+TSS_ADDR = 0xFFFB_D000               # three pages KVM needs on Intel, in the hole below 4 GiB
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class MachineError(Exception):
+    """The machine cannot be built as configured (one line, says what to fix)."""
+
+
+class _Gsi:
+    """One interrupt input; devices sharing it are OR-ed like ISA lines."""
+
+    def __init__(self, vm, gsi: int):
+        self.vm, self.gsi = vm, gsi
+        self.asserted: set = set()
+        self.lock = threading.Lock()
+
+
+class IrqLine:
+    def __init__(self, gsi: _Gsi):
+        self._gsi = gsi
+        self.gsi = gsi.gsi
+
+    def set_level(self, high: bool) -> None:
+        g = self._gsi
+        with g.lock:
+            before = bool(g.asserted)
+            if high:
+                g.asserted.add(self)
+            else:
+                g.asserted.discard(self)
+            if bool(g.asserted) != before:
+                g.vm.irq_line(g.gsi, int(not before))
+
+    def pulse(self) -> None:
+        g = self._gsi
+        with g.lock:
+            if not g.asserted:
+                g.vm.irq_line(g.gsi, 1)
+                g.vm.irq_line(g.gsi, 0)
+
+
+class DeviceContext:
+    """What a device gets from the core (see kvmkit.plugin_api.DeviceContext)."""
+
+    def __init__(self, machine: "Machine", name: str):
+        self._machine = machine
+        self.name = name
+        self.machine_name = machine.config.name
+        self.memory = machine.memory
+        self.lock = threading.RLock()
+        self.log = logging.getLogger(f"kvmkit.device.{name}")
+        self.threads: list[threading.Thread] = []
+
+    def add_io(self, space: str, base: int, size: int, handler) -> None:
+        bus = {PIO: self._machine.pio, MMIO: self._machine.mmio}.get(space)
+        if bus is None:
+            raise DeviceError(f"{self.name}: unknown address space {space!r} (use 'pio' or 'mmio')")
+        bus.add(base, size, handler, self.lock, self.name)
+
+    def irq(self, gsi: int) -> IrqLine:
+        return self._machine.irq(gsi)
+
+    def spawn(self, name: str, target) -> threading.Thread:
+        t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
+        self.threads.append(t)
+        t.start()
+        return t
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        self._machine.request_stop(reason, exit_code)
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._machine.stopping
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, pm=None):
+        self.config = config
+        self.pm = pm or new_manager()
+        self.stopping = threading.Event()
+        self.stop: Stop | None = None
+        self._stop_lock = threading.Lock()
+        self._gsis: dict[int, _Gsi] = {}
+        self.kvm = self.vm = self.memory = None
+        self.pio = Bus(PIO, self._miss)
+        self.mmio = Bus(MMIO, self._miss)
+        self.devices: list[tuple[DeviceContext, object]] = []
+        self.vcpus: list = []
+        self.threads: list[VcpuThread] = []
+        self.quirks = False
+        self.cmdline = ""
+        self.started_at = 0.0
+
+    # -- plumbing for devices --------------------------------------------------------
+    def _miss(self, space, address, size, is_write, value):
+        return self.pm.hook.kvmkit_unhandled_io(space=space, address=address, size=size,
+                                                is_write=is_write, value=value)
+
+    def irq(self, gsi: int) -> IrqLine:
+        if not 0 <= gsi < 24:
+            raise DeviceError(f"IRQ {gsi} does not exist (the IOAPIC has inputs 0-23)")
+        if gsi not in self._gsis:
+            self._gsis[gsi] = _Gsi(self.vm, gsi)
+        return IrqLine(self._gsis[gsi])
+
+    def request_stop(self, reason: str, code: int = 0) -> None:
+        with self._stop_lock:
+            if self.stop is None:
+                self.stop = Stop(reason, code)
+                log.info("stopping: %s", reason)
+            self.stopping.set()
+        for t in self.threads:
+            t.kick()
+
+    # -- building ----------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.config
+        loaded = load_kinds(self.pm, [d.kind for d in cfg.devices])
+        device_configs = [validate_device(t, loaded[t.kind].spec) for t in cfg.devices]
+        self._check_kernel_files()
+
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.memory = GuestMemory(cfg.memory)
+        self.vm.map_memory(self.memory)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        counts: dict[str, int] = {}
+        for table, dcfg in zip(cfg.devices, device_configs):
+            index = counts.get(table.kind, 0)
+            counts[table.kind] = index + 1
+            ctx = DeviceContext(self, f"{table.kind}.{index}")
+            try:
+                device = self.pm.hook.kvmkit_create_device(kind=table.kind, config=dcfg, ctx=ctx)
+            except (DeviceError, BusConflict) as e:
+                raise MachineError(f"{table.where}: {e}") from None
+            if device is None:
+                raise PluginError(f"{table.where}: the plugin for kind {table.kind!r} created no device")
+            self.devices.append((ctx, device))
+
+        self.quirks = host_quirks.resolve(cfg.host_quirks)
+        self.cmdline = self._cmdline()
+        try:
+            boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus)
+        except BootError as e:
+            raise MachineError(str(e)) from None
+        supported = self.kvm.supported_cpuid()
+        for i in range(cfg.vcpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
+
+    def _check_kernel_files(self) -> None:
+        k = self.config.kernel
+        where = str(self.config.source or "command line")
+        for key, path in (("image", k.image), ("initrd", k.initrd)):
+            if path is None:
+                continue
+            if not path.is_file():
+                raise MachineError(f"{where}: [kernel] {key}: {path} not found")
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise MachineError(f"{where}: [kernel] {key}: cannot read {path}: {e.strerror}") from None
+
+    def _cmdline(self) -> str:
+        words = self.config.kernel.cmdline.split()
+        for extra in self.pm.hook.kvmkit_kernel_cmdline(machine=self.config):
+            for word in (extra or "").split():
+                key = word.split("=", 1)[0]
+                if not any(w.split("=", 1)[0] == key for w in words):
+                    words.append(word)
+        cmdline = " ".join(words)
+        return host_quirks.extend_cmdline(cmdline) if self.quirks else cmdline
+
+    # -- running -----------------------------------------------------------------------
+    def run(self) -> Stop:
+        """Run until the guest or the user stops the machine; return why."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, lambda *_: None)     # only to interrupt KVM_RUN
+        self.started_at = time.monotonic()
+        for _ctx, device in self.devices:
+            start = getattr(device, "start", None)
+            if start is not None:
+                start()
+        self.pm.hook.kvmkit_vm_started(vm=self)
+        self.threads = [VcpuThread(v, self) for v in self.vcpus]
+        for t in self.threads:
+            t.start()
+        while not self.stopping.wait(0.2):
+            pass
+        for t in self.threads:
+            t.kick()
+            t.join(timeout=5)
+        stop = self.stop or Stop("stopped", EXIT_ERROR)
+        self.pm.hook.kvmkit_vm_stopped(vm=self, reason=stop.reason, exit_code=stop.code)
+        return stop
+
+    def exit_counts(self) -> dict[int, int]:
+        total: dict[int, int] = {}
+        for t in self.threads:
+            for k, v in t.exits.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        """Release everything; safe after a partial build."""
+        self.stopping.set()
+        for ctx, device in reversed(self.devices):
+            close = getattr(device, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s failed", ctx.name)
+        for ctx, _device in self.devices:
+            for t in ctx.threads:
+                t.join(timeout=2)
+        alive = [t for t in self.threads if t.is_alive()]
+        if alive:                      # a vCPU stuck in the kernel: leave its fds to exit
+            log.warning("%d vCPU thread(s) did not stop; leaving them to process exit", len(alive))
+            return
+        for v in self.vcpus:
+            v.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        if self.memory is not None:
+            try:
+                self.memory.close()
+            except BufferError:
+                pass
+
