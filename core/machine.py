@@ -184,8 +184,10 @@ class Machine:
         for key, path in (("image", k.image), ("initrd", k.initrd)):
             if path is None:
                 continue
-            if not path.is_file():
+            if not path.exists():
                 raise MachineError(f"{where}: [kernel] {key}: {path} not found")
+            if not path.is_file():
+                raise MachineError(f"{where}: [kernel] {key}: {path} is not a file")
             try:
                 with open(path, "rb") as f:
                     f.read(1)

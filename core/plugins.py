@@ -85,7 +85,8 @@ def load_kinds(pm: pluggy.PluginManager, kinds: list[str]) -> dict[str, LoadedKi
         if ext.name not in specs:
             raise PluginError(f"device plugin {ext.name!r} ({ext.entry_point.value}) does not "
                               f"declare a DeviceSpec of kind {ext.name!r} in kvmkit_device_spec")
-        dist = ext.entry_point.dist.name if ext.entry_point.dist else "?"
+        ep = available[ext.name]
+        dist = ep.dist.name if ep.dist is not None else "?"
         loaded[ext.name] = LoadedKind(specs[ext.name], registered, dist)
     try:
         pm.check_pending()

@@ -1,0 +1,86 @@
+"""Boot a guest with the kvmkit command and collect what it prints, with times."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+KVMKIT = [sys.executable, "-m", "kvmkit"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVMKIT_CACHE", Path.home() / ".cache" / "kvmkit"))
+
+
+def kit() -> dict[str, Path]:
+    """The guest kit's products (guest/build-kit writes kit.env)."""
+    env = cache_dir() / "kit.env"
+    out = {}
+    if env.is_file():
+        for line in env.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                out[key.strip()] = Path(shlex.split(value)[0]) if value.strip() else None
+    return out
+
+
+@dataclasses.dataclass
+class Boot:
+    returncode: int
+    lines: list[tuple[float, str]]       # (host time.time() when read, console line)
+    stderr: str
+    wall: float
+
+    @property
+    def console(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def find(self, pattern: str):
+        """The first console line matching ``pattern``: (host time, match) or None."""
+        rx = re.compile(pattern)
+        for t, line in self.lines:
+            m = rx.search(line)
+            if m:
+                return t, m
+        return None
+
+    def describe(self) -> str:
+        tail = "\n".join(line for _, line in self.lines[-40:])
+        return f"exit {self.returncode} after {self.wall:.0f}s\n--- console tail\n{tail}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None) -> Boot:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(KVMKIT + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd)
+    lines: list[tuple[float, str]] = []
+    err: list[bytes] = []
+
+    def read_out():
+        for raw in proc.stdout:
+            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\r\n")))
+
+    def read_err():
+        err.append(proc.stderr.read())
+
+    threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for t in threads:
+        t.join(timeout=10)
+    return Boot(proc.returncode, lines, b"".join(err).decode("utf-8", "replace"), time.monotonic() - t0)

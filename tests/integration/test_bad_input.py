@@ -1,0 +1,81 @@
+"""Bad input: one clear line naming the file or key, a non-zero exit, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+KVMKIT = [sys.executable, "-m", "kvmkit"]
+
+
+def kvmkit(*args, cwd=None):
+    return subprocess.run(KVMKIT + list(args), capture_output=True, text=True, cwd=cwd,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def one_error_line(result, *needles):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("kvmkit: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def machine(tmp_path, body, name="m.toml"):
+    p = tmp_path / name
+    p.write_text(body)
+    return p
+
+
+def test_missing_kernel(tmp_path):
+    m = machine(tmp_path, '[kernel]\nimage = "nope/vmlinux"\n')
+    one_error_line(kvmkit("run", str(m)), str(m), "[kernel] image", "nope/vmlinux", "not found")
+
+
+def test_initrd_that_is_not_a_file(tmp_path):
+    (tmp_path / "k").write_bytes(b"\x7fELF")
+    (tmp_path / "rd").mkdir()
+    m = machine(tmp_path, '[kernel]\nimage = "k"\ninitrd = "rd"\n')
+    one_error_line(kvmkit("run", str(m)), "[kernel] initrd", "rd")
+
+
+def test_malformed_toml(tmp_path):
+    m = machine(tmp_path, '[kernel\nimage = "k"\n')
+    one_error_line(kvmkit("run", str(m)), str(m), "not valid TOML")
+
+
+def test_unknown_device_kind_lists_installed_kinds(tmp_path):
+    m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "floppy"\n')
+    line = one_error_line(kvmkit("run", str(m)), "'floppy'", "installed kinds:")
+    assert "rtc" in line and "serial8250" in line
+
+
+def test_bad_device_key(tmp_path):
+    m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "rtc"\nport = "seventy"\n')
+    one_error_line(kvmkit("run", str(m)), str(m), "device[0] (rtc)", "port", "integer")
+
+
+def test_no_kernel_and_no_machine_file():
+    one_error_line(kvmkit("run"), "--kernel")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    m = machine(tmp_path, '[kernel]\nimage = "nope"\n')
+    r = kvmkit("--debug", "run", str(m))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.mark.kvm
+def test_duplicate_port(guest_kit, tmp_path):
+    m = machine(tmp_path, f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n'
+                '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "a.log"\n'
+                '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "b.log"\n')
+    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlaps serial8250.0", "0x3f8")
+
+
+@pytest.mark.kvm
+def test_memory_too_small_for_the_kernel(guest_kit, tmp_path):
+    m = machine(tmp_path, f'[machine]\nmemory = "16M"\n[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n')
+    one_error_line(kvmkit("run", str(m)), "memory")

@@ -1,0 +1,96 @@
+"""Boot the kit's small kernel with 2 vCPUs and check what the guest kernel reports.
+
+One boot is shared by every check here (a boot costs about a minute on the
+nested CI host).  The guest ends by itself: on a host where guest userspace
+runs, /init prints its results and reboots; where it cannot make system calls,
+init dies, the kernel panics and ``panic=-1`` resets it.  Either way the reset
+goes through the i8042 plugin (``reboot=k``) and kvmkit exits 0.
+"""
+import time
+
+import pytest
+
+from guest import run_kvmkit
+
+pytestmark = pytest.mark.kvm
+
+MACHINE = """
+[machine]
+name = "small-smp"
+memory = "256M"
+vcpus = 2
+
+[kernel]
+image = "{vmlinux}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 panic=-1 reboot=k"
+
+[[device]]
+kind = "serial8250"
+backend = "stdio"
+
+[[device]]
+kind = "rtc"
+
+[[device]]
+kind = "i8042"
+"""
+
+
+@pytest.fixture(scope="module")
+def boot(guest_kit, tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    machine = d / "small.toml"
+    machine.write_text(MACHINE.format(vmlinux=guest_kit["SMALL_VMLINUX"], initrd=guest_kit["BUSYBOX_CPIO"]))
+    result = run_kvmkit(["-v", "run", str(machine)], timeout=900)
+    print(result.describe())
+    return result
+
+
+def test_kernel_banner(boot):
+    assert boot.find(r"Linux version 6\.1\."), boot.describe()
+
+
+def test_console_is_a_16550a(boot):
+    assert boot.find(r"ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A"), boot.describe()
+
+
+def test_two_cpus_brought_up(boot):
+    assert boot.find(r"smp: Brought up 1 node, 2 CPUs"), boot.describe()
+
+
+def test_rtc_sets_the_clock_to_host_time(boot):
+    found = boot.find(r"setting system clock to (\S+) UTC \((\d+)\)")
+    assert found, boot.describe()
+    host_time, m = found
+    assert abs(int(m.group(2)) - host_time) < 5, (m.group(0), time.ctime(host_time))
+
+
+def test_reaches_init(boot):
+    assert boot.find(r"Run /init as init process"), boot.describe()
+
+
+def test_cpuid_bits_cleared_on_the_nested_host(boot, on_pvm_host):
+    if not on_pvm_host:
+        pytest.skip("host quirks are only active on a paravirtual nested KVM host")
+    from kvmkit.hypervisor.host_quirks import CLEARCPUID
+    found = boot.find(r"Clearing CPUID bits: (.*)")
+    assert found, boot.describe()
+    cleared = set(found[1].group(1).split())
+    assert set(CLEARCPUID.split(",")) <= cleared, cleared
+
+
+def test_reset_ends_kvmkit_with_status_0(boot):
+    assert boot.returncode == 0, boot.describe()
+    assert "guest reset (i8042)" in boot.stderr, boot.describe()
+
+
+def test_userspace_reports(boot, on_pvm_host):
+    if on_pvm_host:
+        # Guest userspace cannot make system calls here: init dies at its first one.
+        assert boot.find(r"Attempted to kill init"), boot.describe()
+        pytest.skip("guest userspace cannot make system calls on a paravirtual nested KVM host")
+    assert boot.find(r"kvmkit-guest: userspace up"), boot.describe()
+    assert boot.find(r"kvmkit-guest: cpus=2"), boot.describe()
+    found = boot.find(r"kvmkit-guest: date=(\d+)")
+    assert found and abs(int(found[1].group(1)) - found[0]) < 5
