@@ -12,6 +12,7 @@ import struct
 import zlib
 
 MAX_OUTPUT = 1 << 30     # no vmlinux is near this; bounds corrupt or hostile payloads
+LZMA_MEMLIMIT = 1 << 28  # kernels use dictionaries of a few MiB; bounds a garbage header
 
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20
@@ -57,11 +58,11 @@ def _gzip(payload: bytes) -> bytes:
 
 
 def _xz(payload: bytes) -> bytes:
-    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_XZ), payload)
+    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT), payload)
 
 
 def _lzma(payload: bytes) -> bytes:
-    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), payload)
+    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=LZMA_MEMLIMIT), payload)
 
 
 def _bzip2(payload: bytes) -> bytes:

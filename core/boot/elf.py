@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..memory import PCI_HOLE_START
 from . import layout
 from .errors import BootError
 from .image import KernelImage
@@ -80,7 +81,7 @@ def _check_placement(mem, segments: list[Segment], name: str) -> None:
                             f"link the kernel at a physical address >= 0x100000")
         if mem.contains(s.paddr, s.memsz):
             continue
-        if need > mem.size:
+        if mem.ram_end_below_4g < need <= PCI_HOLE_START:
             raise BootError(f"{name}: memory too small for the kernel: needs {_mib(need)} MiB, "
                             f"machine has {mem.size // layout.MIB}: give the machine more memory")
         ram = ", ".join(f"{r.gpa:#x}-{r.end:#x}" for r in mem.regions)

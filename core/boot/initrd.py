@@ -32,8 +32,8 @@ def load(mem, path: Path, kernel_end: int, initrd_addr_max: int) -> tuple[int, i
             addr = place(size, kernel_end, mem.ram_end_below_4g, initrd_addr_max)
             if addr is None:
                 free = max(0, top - kernel_end)
-                raise BootError(f"initrd {path} is {size / layout.MIB:.1f} MiB but only {free / layout.MIB:.1f} MiB "
-                                f"is free between the kernel's end {kernel_end:#x} and {top:#x}: "
+                raise BootError(f"initrd {path} is {size} bytes ({size / layout.MIB:.1f} MiB) but only {free} bytes "
+                                f"are free between the kernel's end {kernel_end:#x} and {top:#x}: "
                                 f"give the machine more memory or use a smaller initrd")
             view = mem.view(addr, size)
             got = 0
