@@ -123,6 +123,7 @@ class VcpuThread(threading.Thread):
         exits = self.exits
         pio, mmio, quirks = m.pio, m.mmio, m.quirks
         stopping = m.stopping
+        log.debug("vcpu%d: first KVM_RUN", vcpu.index)
         try:
             while not stopping.is_set():
                 r = vcpu.run_once()
