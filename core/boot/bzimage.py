@@ -104,7 +104,7 @@ def load(mem, data: bytes, name: str) -> KernelImage:
     hdr = parse_header(data, name)
     payload = _payload(data, hdr, name)
     if payload is None:
-        reason = "the setup header has no payload fields (protocol < 2.08)"
+        reason = "the setup header names no payload (protocol < 2.08, or payload_length 0)"
     else:
         kind = decompress.identify(payload)
         try:
