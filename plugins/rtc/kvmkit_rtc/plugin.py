@@ -1,0 +1,72 @@
+"""kvmkit plugin: the ``rtc`` device kind (MC146818 CMOS clock)."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, hookimpl
+
+from .mc146818 import Rtc
+
+KIND = "rtc"
+IDLE_POLL_S = 0.25          # how often an idle timer thread looks at ctx.stopping
+
+SPEC = DeviceSpec(
+    kind=KIND,
+    summary="MC146818 CMOS real-time clock with 114 bytes of NVRAM",
+    keys=(
+        Key("port", int, 0x70, "index port; the data port follows it", min=0, max=0xFFFE),
+        Key("irq", int, 8, "ISA IRQ of the clock's interrupts", min=0, max=23),
+        Key("utc_offset", int, 0,
+            "seconds added to host UTC (e.g. 3600 for a guest that keeps local time at UTC+1)"),
+    ),
+)
+
+
+class RtcDevice:
+    """The clock on its two ports, with a thread that delivers its interrupts."""
+
+    def __init__(self, config: DeviceConfig, ctx: DeviceContext,
+                 clock: Callable[[], float] = time.time):
+        self._ctx = ctx
+        self._clock = clock
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.rtc = Rtc(ctx.irq(config["irq"]), clock, offset=config["utc_offset"],
+                       on_reschedule=self._wake.set)
+        ctx.add_io(PIO, config["port"], 2, self.rtc)
+
+    def start(self) -> None:
+        self._thread = self._ctx.spawn("timer", self._run)
+
+    def _run(self) -> None:
+        stopping = self._ctx.stopping
+        while not stopping.is_set() and not self._closed:
+            self._wake.clear()
+            with self._ctx.lock:
+                now = self._clock()
+                self.rtc.tick(now)
+                due = self.rtc.next_event(now)
+            delay = IDLE_POLL_S if due is None else min(max(due - now, 0.0), IDLE_POLL_S)
+            self._wake.wait(delay)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(2.0)
+
+
+@hookimpl
+def kvmkit_device_spec():
+    return SPEC
+
+
+@hookimpl
+def kvmkit_create_device(kind, config, ctx):
+    if kind != KIND:
+        return None
+    return RtcDevice(config, ctx)
