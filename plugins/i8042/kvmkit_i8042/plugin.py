@@ -1,0 +1,73 @@
+"""kvmkit plugin: the ``i8042`` device kind (PS/2 controller, keyboard, reset line)."""
+from __future__ import annotations
+
+from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, hookimpl
+
+from .controller import I8042
+
+KIND = "i8042"
+DATA_PORT = 0x60
+STATUS_PORT = 0x64          # 0x61-0x63 belong to other devices
+
+SPEC = DeviceSpec(
+    kind=KIND,
+    summary="i8042 PS/2 controller with a keyboard; a guest reset through it stops the VM",
+    keys=(
+        Key("irq", int, 1, "ISA IRQ of the keyboard", min=0, max=23),
+        Key("aux_irq", int, 12, "ISA IRQ of the (empty) mouse port", min=0, max=23),
+    ),
+)
+
+
+class _DataPort:
+    def __init__(self, controller: I8042):
+        self._c = controller
+
+    def read(self, offset: int, size: int) -> int:
+        return self._c.read_data()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._c.write_data(value & 0xFF)
+
+
+class _StatusPort:
+    def __init__(self, controller: I8042):
+        self._c = controller
+
+    def read(self, offset: int, size: int) -> int:
+        return self._c.read_status()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._c.write_command(value & 0xFF)
+
+
+class KeyboardController:
+    def __init__(self, config: DeviceConfig, ctx: DeviceContext):
+        self._ctx = ctx
+        self.controller = I8042(ctx.irq(config["irq"]), ctx.irq(config["aux_irq"]),
+                                reset=lambda: ctx.request_stop("guest reset (i8042)", 0))
+        ctx.add_io(PIO, DATA_PORT, 1, _DataPort(self.controller))
+        ctx.add_io(PIO, STATUS_PORT, 1, _StatusPort(self.controller))
+
+    def send_key(self, scancodes: bytes) -> bool:
+        """Type a key event into the guest (from any thread)."""
+        with self._ctx.lock:
+            return self.controller.send_key(scancodes)
+
+    def start(self) -> None:
+        """Nothing runs on its own: the controller only answers the guest."""
+
+    def close(self) -> None:
+        """No host resources to release."""
+
+
+@hookimpl
+def kvmkit_device_spec():
+    return SPEC
+
+
+@hookimpl
+def kvmkit_create_device(kind, config, ctx):
+    if kind != KIND:
+        return None
+    return KeyboardController(config, ctx)
