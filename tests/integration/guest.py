@@ -55,16 +55,25 @@ class Boot:
         return f"exit {self.returncode} after {self.wall:.0f}s\n--- console tail\n{tail}\n--- stderr\n{self.stderr[-3000:]}"
 
 
-def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None) -> Boot:
+def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
+               when: str | None = None, then=None) -> Boot:
+    """Run kvmkit until it exits.  If ``when`` (a regex) matches a console line,
+    ``then(proc)`` is called once, on its own thread, while reading goes on."""
     t0 = time.monotonic()
+    trigger = re.compile(when) if when else None
     proc = subprocess.Popen(KVMKIT + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=cwd)
     lines: list[tuple[float, str]] = []
     err: list[bytes] = []
 
     def read_out():
+        nonlocal trigger
         for raw in proc.stdout:
-            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\r\n")))
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append((time.time(), line))
+            if trigger is not None and trigger.search(line):
+                trigger = None
+                threading.Thread(target=then, args=(proc,), daemon=True).start()
 
     def read_err():
         err.append(proc.stderr.read())
