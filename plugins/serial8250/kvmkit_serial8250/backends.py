@@ -2,9 +2,11 @@
 
 A backend gets guest output through ``write(data)`` (called from a vCPU
 thread with the device lock held, so it never blocks for long) and hands host
-input to an :class:`InputSink`, which takes the device lock itself.  Input
-is read only while the sink has room, so a guest that does not read applies
-back-pressure to the host side instead of losing bytes.
+input to an :class:`InputSink`, which takes the device lock itself.  Pipes,
+files and sockets are read only while the sink has room, so a guest that does
+not read applies back-pressure to the host side instead of losing bytes.  A
+terminal is always read, so that its escapes work whatever the guest does;
+what the guest has no room for is held (up to ``HELD_LIMIT`` bytes).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .escape import HELP, HELP_TEXT, QUIT, EscapeFilter
 POLL_S = 0.2                # how often reader threads look at ctx.stopping
 CHUNK = 4096
 SOCKET_OUT_LIMIT = 64 * 1024
+HELD_LIMIT = 4096           # terminal input kept while the guest reads nothing
 
 
 class InputSink(Protocol):
@@ -160,6 +163,8 @@ class StdioBackend(_Reader):
         self._out_fd = out_fd
         self._saved_tty: list | None = None
         self._escape: EscapeFilter | None = None
+        self._held = bytearray()                 # terminal input the guest had no room for
+        self.dropped = 0                         # terminal input beyond HELD_LIMIT
         self._out_failed = False
 
     @property
@@ -183,9 +188,20 @@ class StdioBackend(_Reader):
         self._spawn("stdin", self._read_loop)
 
     def _read_loop(self) -> None:
+        eof = False
         while not self._done():
             room = self._sink.room()
-            fds = [self._wake_r, self._in_fd] if room > 0 else [self._wake_r]
+            if self._held and room > 0:          # typed earlier, the guest has room now
+                n = min(room, len(self._held))
+                self._sink.feed(bytes(self._held[:n]))
+                del self._held[:n]
+                room -= n
+            if eof and not self._held:
+                return                           # EOF: the guest gets no more input
+            # A terminal is always read, so that Ctrl-A x works even while the
+            # guest reads nothing; other input waits until the guest has room.
+            readable = not eof and (room > 0 or self._escape is not None)
+            fds = [self._wake_r, self._in_fd] if readable else [self._wake_r]
             try:
                 ready = select.select(fds, [], [], POLL_S)[0]
             except (OSError, ValueError):        # stdin closed under us
@@ -195,26 +211,30 @@ class StdioBackend(_Reader):
             if self._in_fd not in ready or self._done():
                 continue
             try:
-                data = os.read(self._in_fd, min(room, CHUNK))
+                data = os.read(self._in_fd, CHUNK if self._escape else min(room, CHUNK))
             except BlockingIOError:
                 continue
             except OSError:
-                return
+                data = b""
             if not data:
-                return                           # EOF: the guest gets no more input
-            self._deliver(data)
+                eof = True
+            elif self._escape is None:
+                self._sink.feed(data)
+            else:
+                self._typed(data)
 
-    def _deliver(self, data: bytes) -> None:
-        if self._escape is not None:
-            data, actions = self._escape.process(data)
-            for action in actions:
-                if action == QUIT:
-                    self._ctx.request_stop("user quit (Ctrl-A x)", 0)
-                elif action == HELP:
-                    with self._ctx.lock:
-                        self.write(HELP_TEXT)
-        if data:
-            self._sink.feed(data)
+    def _typed(self, data: bytes) -> None:
+        data, actions = self._escape.process(data)
+        for action in actions:
+            if action == QUIT:
+                self._ctx.request_stop("user quit (Ctrl-A x)", 0)
+            elif action == HELP:
+                with self._ctx.lock:
+                    self.write(HELP_TEXT)
+        room = HELD_LIMIT - len(self._held)
+        if len(data) > room:                     # typing ahead of a stuck guest
+            self.dropped += len(data) - room
+        self._held += data[:room]
 
     def _restore_tty(self) -> None:
         saved, self._saved_tty = self._saved_tty, None

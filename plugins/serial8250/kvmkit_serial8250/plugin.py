@@ -48,6 +48,8 @@ class SerialPort:
         backend, path = config["backend"], config["path"]
         if backend in ("file", "socket") and path is None:
             raise DeviceError(f"{where}: backend {backend!r} needs path = \"...\"")
+        if backend == "stdio" and path is not None:
+            raise DeviceError(f"{where}: path is only used with backend \"file\" or \"socket\"")
         self._ctx = ctx
         self.port, self.irq = port, irq
         self.uart = Uart16550(ctx.irq(irq), self._output, self._input_drained)

@@ -91,6 +91,11 @@ def test_backend_needs_a_path(backend):
         create(ctx, backend=backend)
 
 
+def test_stdio_takes_no_path(tmp_path):
+    with FakeContext() as ctx, pytest.raises(DeviceError, match="path is only used with"):
+        create(ctx, backend="stdio", path=tmp_path / "x")
+
+
 def test_pyproject_declares_the_entry_point():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "kvmkit-serial8250"
@@ -324,6 +329,29 @@ def test_stdio_terminal_is_raw_and_restored(tmp_path):
             assert wait_for(lambda: not dev.backend._thread.is_alive())
             dev.close()
         assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_ctrl_a_x_works_while_the_guest_reads_nothing():
+    master, slave = os.openpty()
+    try:
+        with FakeContext() as ctx:
+            dev = stdio_port(ctx, slave, slave)
+            dev.start()
+            backlog = bytes(i % 200 + 32 for i in range(INPUT_LIMIT + 1))   # + 1 in RBR
+            dev.feed(backlog)                               # the device is full
+            assert dev.room() == 0
+            os.write(master, b"typed")                      # held by the backend
+            assert wait_for(lambda: dev.backend._held == b"typed")
+            got = bytearray()
+            assert wait_for(lambda: got.extend(guest_read(ctx)) or len(got) == len(backlog) + 5)
+            assert bytes(got) == backlog + b"typed"         # in order, nothing lost
+            dev.feed(backlog)
+            os.write(master, b"\x01x")
+            assert wait_for(lambda: ctx.stop_requests == [("user quit (Ctrl-A x)", 0)])
+            dev.close()
     finally:
         os.close(master)
         os.close(slave)
