@@ -24,12 +24,30 @@ APIC_MODE_NMI, APIC_MODE_EXTINT = 0x4, 0x7
 CPUID_HYPERVISOR_BIT = 1 << 31
 
 
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+TOPOLOGY_LEAVES = (0xB, 0x1F)
+
+
+def topology_rows(function: int, index: int, count: int) -> list[list[int]]:
+    """Leaf 0xB/0x1F: one thread per core, ``count`` cores in one package.
+    KVM reports only sub-leaf 0, so all sub-leaves are generated here."""
+    shift = max(count - 1, 0).bit_length()
+    flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    return [[function, 0, flags, 0, 1, (1 << 8) | 0, index],          # SMT level
+            [function, 1, flags, shift, count, (2 << 8) | 1, index],  # core level
+            [function, 2, flags, 0, 0, 2, index]]                      # end of levels
+
+
 def vcpu_cpuid(supported: list[list[int]], index: int, count: int) -> list[list[int]]:
     """The CPUID table of vCPU ``index`` of ``count``: KVM's supported leaves
     with this vCPU's APIC id and a flat one-thread-per-core topology."""
     shift = max(count - 1, 0).bit_length()
     rows = []
     for function, sub, flags, eax, ebx, ecx, edx in supported:
+        if function in TOPOLOGY_LEAVES:
+            if sub == 0:
+                rows.extend(topology_rows(function, index, count))
+            continue
         if function == 1:
             ebx = (ebx & 0x0000FFFF) | (index << 24) | (min(count, 255) << 16)
             ecx |= CPUID_HYPERVISOR_BIT
@@ -38,14 +56,6 @@ def vcpu_cpuid(supported: list[list[int]], index: int, count: int) -> list[list[
             # EAX[31:26]: core ids per package - 1; EAX[25:14]: threads per cache - 1 (one)
             if eax & 0x1F:
                 eax = (eax & 0x3FFF) | (min((1 << shift) - 1, 63) << 26)
-        elif function in (0xB, 0x1F):
-            if sub == 0:                                   # SMT level: one thread per core
-                eax, ebx, ecx = 0, 1, (1 << 8) | sub
-            elif sub == 1:                                 # core level
-                eax, ebx, ecx = shift, count, (2 << 8) | sub
-            else:
-                eax, ebx, ecx = 0, 0, sub
-            edx = index
         rows.append([function, sub, flags, eax, ebx, ecx, edx])
     return rows
 

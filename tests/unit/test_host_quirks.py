@@ -34,7 +34,7 @@ def test_instruction_bytes_from_internal_data():
 
 
 SUPPORTED = [[0, 0, 0, 0xD, 0, 0, 0], [1, 0, 0, 0x806F0, 0x800, 0, 0],
-             [0xB, 0, 1, 0, 0, 0, 0], [0xB, 1, 1, 0, 0, 0, 0], [0xB, 2, 1, 0, 0, 0, 0],
+             [0xB, 0, 1, 0, 0, 0, 0],                      # KVM reports only sub-leaf 0
              [4, 0, 1, 0x121, 0, 0, 0], [4, 3, 1, 0x0, 0, 0, 0]]
 
 
@@ -45,6 +45,7 @@ def test_cpuid_apic_ids_and_topology():
     assert rows[(0xB, 0)][6] == 3 and rows[(0xB, 1)][6] == 3
     assert rows[(0xB, 1)][3] == 2 and rows[(0xB, 1)][4] == 4      # shift 2, 4 cores
     assert (rows[(0xB, 1)][5] >> 8) & 0xFF == 2                    # core level
+    assert (rows[(0xB, 2)][5] >> 8) & 0xFF == 0                    # no further levels
     assert rows[(4, 0)][3] >> 26 == 3                              # cores per package - 1
     assert rows[(4, 3)][3] == 0                                    # null cache leaf untouched
 
