@@ -55,7 +55,7 @@ def handle_mmio(bus, addr: int, length: int, is_write: bool, data: memoryview) -
         data[:length] = bus.read(addr, length).to_bytes(length, "little")
 
 
-def handle_exit(vcpu, pio, mmio, quirks: bool = False) -> Stop | None:
+def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | None:
     """Handle the exit described by ``vcpu.run`` (and its exit-union views)."""
     reason = vcpu.run.exit_reason
     if reason == lib.KVM_EXIT_IO:
@@ -84,7 +84,7 @@ def handle_exit(vcpu, pio, mmio, quirks: bool = False) -> Stop | None:
         raw = bytes(b for word in list(internal.data)[:4] for b in int(word).to_bytes(8, "little"))
         if internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
             insn = host_quirks.emulation_failure_insn(raw)
-            if quirks and host_quirks.assist(vcpu, insn):
+            if quirks and host_quirks.assist(vcpu, insn, memory):
                 return None
             return Stop(f"vCPU {vcpu.index}: KVM cannot emulate instruction "
                         f"{insn.hex(' ') or '(unknown)'}", EXIT_ERROR)
@@ -121,7 +121,7 @@ class VcpuThread(threading.Thread):
         m = self.machine
         vcpu = self.vcpu
         exits = self.exits
-        pio, mmio, quirks = m.pio, m.mmio, m.quirks
+        pio, mmio, quirks, memory = m.pio, m.mmio, m.quirks, m.memory
         stopping = m.stopping
         log.debug("vcpu%d: first KVM_RUN", vcpu.index)
         try:
@@ -136,7 +136,7 @@ class VcpuThread(threading.Thread):
                     m.request_stop(f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(-r)}", EXIT_ERROR)
                     return
                 exits[vcpu.run.exit_reason] += 1
-                stop = handle_exit(vcpu, pio, mmio, quirks)
+                stop = handle_exit(vcpu, pio, mmio, quirks, memory)
                 if stop is not None:
                     m.request_stop(stop.reason, stop.code)
                     return

@@ -3,14 +3,16 @@
 On such hosts guest kernel code runs through KVM's instruction emulator,
 which lacks a few instructions.  This module is the one place that knows:
 it detects the host, adds the kernel command-line words that keep Linux away
-from those instructions, and completes the two instructions Linux cannot
-avoid (``int3``, ``fwait``) when the emulator gives up on them.  On ordinary
-hardware-virtualised KVM none of this is active.
+from those instructions, and completes the instructions Linux cannot avoid
+(``int3``, ``fwait``, ``ldmxcsr``/``stmxcsr``) when the emulator gives up on
+them.  On ordinary hardware-virtualised KVM none of this is active.
 """
 from __future__ import annotations
 
 import logging
 import os
+
+from . import modrm
 
 log = logging.getLogger("kvmkit.host_quirks")
 
@@ -60,10 +62,59 @@ def emulation_failure_insn(data: bytes) -> bytes:
     return bytes(data[9:9 + length])
 
 
-def assist(vcpu, insn: bytes) -> bool:
+def _guest_linear(vcpu, memory, linear: int, length: int) -> list[tuple[int, int]]:
+    """Guest-physical pieces of a linear range (split at page boundaries)."""
+    pieces = []
+    while length > 0:
+        chunk = min(length, 0x1000 - (linear & 0xFFF))
+        gpa = vcpu.translate(linear)
+        if gpa is None or not memory.contains(gpa, chunk):
+            raise modrm.DecodeError(f"operand at {linear:#x} is not mapped to guest RAM")
+        pieces.append((gpa, chunk))
+        linear += chunk
+        length -= chunk
+    return pieces
+
+
+def _mxcsr(vcpu, memory, insn: bytes) -> bool:
+    """ldmxcsr m32 (0F AE /2) and stmxcsr m32 (0F AE /3)."""
+    try:
+        op = modrm.decode(insn)
+    except modrm.DecodeError:
+        return False
+    if op.opcode != b"\x0f\xae" or op.reg not in (2, 3):
+        return False
+    regs = vcpu.get_regs()
+    seg_base = 0
+    if op.segment:
+        seg_base = getattr(vcpu.get_sregs(), op.segment).base
+    try:
+        pieces = _guest_linear(vcpu, memory, op.address(regs, seg_base), 4)
+    except modrm.DecodeError:
+        return False
+    fpu = vcpu.get_fpu()
+    if op.reg == 2:
+        value = int.from_bytes(b"".join(memory.read(g, n) for g, n in pieces), "little")
+        if value & ~0xFFFF:              # reserved bits: the CPU raises #GP
+            return False
+        fpu.mxcsr = value
+        vcpu.set_fpu(fpu)
+    else:
+        data = int(fpu.mxcsr).to_bytes(4, "little")
+        for gpa, n in pieces:
+            memory.write(gpa, data[:n])
+            data = data[n:]
+    regs.rip += op.length
+    vcpu.set_regs(regs)
+    return True
+
+
+def assist(vcpu, insn: bytes, memory=None) -> bool:
     """Complete an instruction the emulator refused.  True if handled."""
     if not insn:
         return False
+    if memory is not None and _mxcsr(vcpu, memory, insn):
+        return True
     if insn[0] == OPCODE_INT3:
         regs = vcpu.get_regs()
         regs.rip += 1
