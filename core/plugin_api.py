@@ -1,25 +1,24 @@
 """The one module device plugins import.
 
-A device plugin is a module (named by an entry point in the group
-``kvmkit.devices``; the entry-point name is the machine file's ``kind``) that
-implements two hooks:
+A device plugin is an object named by an entry point in the group
+``kvmkit.devices`` (the entry-point name is the machine file's ``kind``) that
+implements the hooks ``kvmkit_device_spec`` and ``kvmkit_create_device``.
+For the usual case of one kind, :class:`DevicePlugin` implements both:
 
 .. code-block:: python
 
-    from kvmkit.plugin_api import hookimpl, DeviceSpec, Key
+    from kvmkit.plugin_api import DevicePlugin, DeviceSpec, Key
 
     SPEC = DeviceSpec(kind="rtc", summary="MC146818 CMOS clock",
                       keys=(Key("port", int, 0x70, "first I/O port"),))
 
-    @hookimpl
-    def kvmkit_device_spec():
-        return SPEC
+    plugin = DevicePlugin(SPEC, MyDevice)   # MyDevice(config, ctx) registers its ranges
 
-    @hookimpl
-    def kvmkit_create_device(kind, config, ctx):
-        if kind != SPEC.kind:
-            return None
-        return MyDevice(config, ctx)      # registers its ranges through ctx
+    # pyproject.toml: [project.entry-points."kvmkit.devices"]
+    #                 rtc = "kvmkit_rtc.plugin:plugin"
+
+A module with ``@hookimpl`` functions works as well, for plugins that
+provide several kinds or implement more hooks.
 
 The core validates every ``[[device]]`` table against ``SPEC.keys`` before
 ``kvmkit_create_device`` is called, so ``config`` holds typed values with the
@@ -44,7 +43,7 @@ PROJECT = "kvmkit"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
-    "hookimpl", "Key", "DeviceSpec", "DeviceConfig", "Size", "REQUIRED",
+    "hookimpl", "Key", "DeviceSpec", "DevicePlugin", "DeviceConfig", "Size", "REQUIRED",
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO",
 ]
@@ -102,7 +101,9 @@ class Key:
     """One machine-file key of a device kind.
 
     ``type`` is one of ``int``, ``bool``, ``str``, ``float``, ``Path`` (resolved
-    relative to the machine file), ``Size`` or ``list`` (of strings).
+    relative to the machine file), ``Size`` or ``list`` (of strings).  A key
+    without ``default`` is required; ``default=None`` makes it optional with no
+    value (the device decides what its absence means, and says so in ``doc``).
     """
 
     name: str
@@ -234,11 +235,34 @@ class DeviceContext(Protocol):
         """Set once the VM is stopping; device threads poll or wait on it."""
 
 
+class DevicePlugin:
+    """A plugin providing one device kind: its spec and a factory
+    ``factory(config, ctx) -> device``."""
+
+    def __init__(self, spec: DeviceSpec, factory: Callable[[DeviceConfig, "DeviceContext"], Any]):
+        self.spec = spec
+        self.factory = factory
+
+    @hookimpl
+    def kvmkit_device_spec(self):
+        return self.spec
+
+    @hookimpl
+    def kvmkit_create_device(self, kind, config, ctx):
+        if kind != self.spec.kind:
+            return None
+        return self.factory(config, ctx)
+
+    def __repr__(self) -> str:
+        return f"DevicePlugin({self.spec.kind!r})"
+
+
 def keys_doc(keys: Iterable[Key]) -> str:
     """A one-line-per-key description (used by docs and listings)."""
     lines = []
     for k in keys:
-        default = "required" if k.required else f"default {k.default!r}"
+        default = ("required" if k.required else "optional" if k.default is None
+                   else f"default {k.default!r}")
         choices = f", one of {', '.join(map(str, k.choices))}" if k.choices else ""
         lines.append(f"{k.name} ({k.type_name}, {default}{choices}): {k.doc}")
     return "\n".join(lines)

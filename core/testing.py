@@ -10,7 +10,7 @@ registers with :func:`pio` / :func:`mmio`, and look at its interrupt lines
 
     def test_reads_back(tmp_path):
         with FakeContext() as ctx:
-            dev = plugin.kvmkit_create_device(kind="rtc", config=cfg, ctx=ctx)
+            dev = plugin.kvmkit_create_device(kind="rtc", config=cfg, ctx=ctx)   # plugin: a DevicePlugin
             pio(ctx, 0x70, value=0x0E)
             pio(ctx, 0x71, value=0x42)
             assert pio(ctx, 0x71) == 0x42

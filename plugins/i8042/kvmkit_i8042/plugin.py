@@ -1,7 +1,7 @@
 """kvmkit plugin: the ``i8042`` device kind (PS/2 controller, keyboard, reset line)."""
 from __future__ import annotations
 
-from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, hookimpl
+from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, DevicePlugin
 
 from .controller import I8042
 
@@ -61,13 +61,4 @@ class KeyboardController:
         """No host resources to release."""
 
 
-@hookimpl
-def kvmkit_device_spec():
-    return SPEC
-
-
-@hookimpl
-def kvmkit_create_device(kind, config, ctx):
-    if kind != KIND:
-        return None
-    return KeyboardController(config, ctx)
+plugin = DevicePlugin(SPEC, KeyboardController)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit.testing import FakeContext, config, pio, plugin_manager
-from kvmkit_i8042 import plugin
+from kvmkit_i8042.plugin import plugin
 from kvmkit_i8042.plugin import SPEC
 
 
@@ -70,7 +70,7 @@ def test_send_key_from_the_host():
 def test_pyproject_declares_the_entry_point():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "kvmkit-i8042"
-    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"i8042": "kvmkit_i8042.plugin"}
+    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"i8042": "kvmkit_i8042.plugin:plugin"}
 
 
 def test_installed_entry_point_loads_this_plugin():

@@ -5,7 +5,7 @@ import threading
 import time
 from typing import Callable
 
-from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, hookimpl
+from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceSpec, Key, DevicePlugin
 
 from .mc146818 import Rtc
 
@@ -60,13 +60,4 @@ class RtcDevice:
             t.join(2.0)
 
 
-@hookimpl
-def kvmkit_device_spec():
-    return SPEC
-
-
-@hookimpl
-def kvmkit_create_device(kind, config, ctx):
-    if kind != KIND:
-        return None
-    return RtcDevice(config, ctx)
+plugin = DevicePlugin(SPEC, RtcDevice)

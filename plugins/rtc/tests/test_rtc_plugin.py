@@ -9,7 +9,7 @@ import pytest
 from kvmkit.plugin_api import DeviceError
 from kvmkit.testing import FakeContext, config, pio, plugin_manager
 from kvmkit_rtc import mc146818 as m
-from kvmkit_rtc import plugin
+from kvmkit_rtc.plugin import plugin
 from kvmkit_rtc.plugin import SPEC
 
 
@@ -121,7 +121,7 @@ def test_timer_thread_stops_with_the_vm():
 def test_pyproject_declares_the_entry_point():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "kvmkit-rtc"
-    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"rtc": "kvmkit_rtc.plugin"}
+    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"rtc": "kvmkit_rtc.plugin:plugin"}
 
 
 def test_installed_entry_point_loads_this_plugin():

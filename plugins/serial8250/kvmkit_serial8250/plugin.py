@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceError, DeviceSpec, Key, hookimpl
+from kvmkit.plugin_api import PIO, DeviceConfig, DeviceContext, DeviceError, DeviceSpec, Key, DevicePlugin
 
 from .backends import FileBackend, SocketBackend, StdioBackend
 from .uart import Uart16550
@@ -85,13 +85,4 @@ class SerialPort:
         self.backend.close()
 
 
-@hookimpl
-def kvmkit_device_spec():
-    return SPEC
-
-
-@hookimpl
-def kvmkit_create_device(kind, config, ctx):
-    if kind != KIND:
-        return None
-    return SerialPort(config, ctx)
+plugin = DevicePlugin(SPEC, SerialPort)

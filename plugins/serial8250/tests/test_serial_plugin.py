@@ -12,7 +12,7 @@ import pytest
 
 from kvmkit.plugin_api import DeviceError
 from kvmkit.testing import FakeContext, config, pio, plugin_manager
-from kvmkit_serial8250 import plugin
+from kvmkit_serial8250.plugin import plugin
 from kvmkit_serial8250 import uart as u
 from kvmkit_serial8250.plugin import INPUT_LIMIT, SPEC, SerialPort
 
@@ -99,7 +99,7 @@ def test_stdio_takes_no_path(tmp_path):
 def test_pyproject_declares_the_entry_point():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "kvmkit-serial8250"
-    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"serial8250": "kvmkit_serial8250.plugin"}
+    assert meta["project"]["entry-points"]["kvmkit.devices"] == {"serial8250": "kvmkit_serial8250.plugin:plugin"}
 
 
 def test_installed_entry_point_loads_this_plugin():
