@@ -15,6 +15,8 @@ from .bus import Bus, BusConflict
 from .config import MachineConfig, validate_device
 from .hypervisor import cpu_setup, host_quirks
 from .hypervisor.kvm import Kvm
+from .device_context import DeviceContext
+from .irq import Gsi, IrqLine
 from .memory import GuestMemory
 from .plugin_api import MMIO, PIO, DeviceError
 from .plugins import PluginError, load_kinds, new_manager
@@ -30,74 +32,6 @@ class MachineError(Exception):
     """The machine cannot be built as configured (one line, says what to fix)."""
 
 
-class _Gsi:
-    """One interrupt input; devices sharing it are OR-ed like ISA lines."""
-
-    def __init__(self, vm, gsi: int):
-        self.vm, self.gsi = vm, gsi
-        self.asserted: set = set()
-        self.lock = threading.Lock()
-
-
-class IrqLine:
-    def __init__(self, gsi: _Gsi):
-        self._gsi = gsi
-        self.gsi = gsi.gsi
-
-    def set_level(self, high: bool) -> None:
-        g = self._gsi
-        with g.lock:
-            before = bool(g.asserted)
-            if high:
-                g.asserted.add(self)
-            else:
-                g.asserted.discard(self)
-            if bool(g.asserted) != before:
-                g.vm.irq_line(g.gsi, int(not before))
-
-    def pulse(self) -> None:
-        g = self._gsi
-        with g.lock:
-            if not g.asserted:
-                g.vm.irq_line(g.gsi, 1)
-                g.vm.irq_line(g.gsi, 0)
-
-
-class DeviceContext:
-    """What a device gets from the core (see kvmkit.plugin_api.DeviceContext)."""
-
-    def __init__(self, machine: "Machine", name: str):
-        self._machine = machine
-        self.name = name
-        self.machine_name = machine.config.name
-        self.memory = machine.memory
-        self.lock = threading.RLock()
-        self.log = logging.getLogger(f"kvmkit.device.{name}")
-        self.threads: list[threading.Thread] = []
-
-    def add_io(self, space: str, base: int, size: int, handler) -> None:
-        bus = {PIO: self._machine.pio, MMIO: self._machine.mmio}.get(space)
-        if bus is None:
-            raise DeviceError(f"{self.name}: unknown address space {space!r} (use 'pio' or 'mmio')")
-        bus.add(base, size, handler, self.lock, self.name)
-
-    def irq(self, gsi: int) -> IrqLine:
-        return self._machine.irq(gsi)
-
-    def spawn(self, name: str, target) -> threading.Thread:
-        t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
-        self.threads.append(t)
-        t.start()
-        return t
-
-    def request_stop(self, reason: str, exit_code: int = 0) -> None:
-        self._machine.request_stop(reason, exit_code)
-
-    @property
-    def stopping(self) -> threading.Event:
-        return self._machine.stopping
-
-
 class Machine:
     def __init__(self, config: MachineConfig, pm=None):
         self.config = config
@@ -105,7 +39,7 @@ class Machine:
         self.stopping = threading.Event()
         self.stop: Stop | None = None
         self._stop_lock = threading.Lock()
-        self._gsis: dict[int, _Gsi] = {}
+        self._gsis: dict[int, Gsi] = {}
         self.kvm = self.vm = self.memory = None
         self.pio = Bus(PIO, self._miss)
         self.mmio = Bus(MMIO, self._miss)
@@ -125,7 +59,7 @@ class Machine:
         if not 0 <= gsi < 24:
             raise DeviceError(f"IRQ {gsi} does not exist (the IOAPIC has inputs 0-23)")
         if gsi not in self._gsis:
-            self._gsis[gsi] = _Gsi(self.vm, gsi)
+            self._gsis[gsi] = Gsi(self.vm, gsi)
         return IrqLine(self._gsis[gsi])
 
     def request_stop(self, reason: str, code: int = 0) -> None:

@@ -20,8 +20,10 @@ PVM_MODULE = "/sys/module/kvm_pvm"
 
 # Features the emulator cannot execute at CPL 0 (or that lead Linux to such
 # instructions).  Linux 6.1 reads at most 128 characters of clearcpuid=.
+# ssse3/sse4_x: keeps the SIMD crypto glue (blake2s, used by the RNG, etc.) on
+# its generic code; the emulator cannot execute SSE register instructions.
 CLEARCPUID = ("cx16,smap,popcnt,fsgsbase,rdrand,rdseed,rdpid,invpcid,pcid,rdtscp,"
-              "avx,avx2,avx512f,aes,pclmulqdq")
+              "avx,avx2,avx512f,aes,pclmulqdq,ssse3,sse4_1,sse4_2")
 assert len(CLEARCPUID) < 128
 
 CMDLINE_WORDS = ("nopv", "noxsave", "nopcid", "nofsgsbase", "nowatchdog", "nosoftlockup",

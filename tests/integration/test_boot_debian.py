@@ -6,7 +6,6 @@ it runs on one CPU and shows console and RTC only.  On the nested CI host it
 takes many minutes (README: "Tests"), so it is marked slow and left out of the
 default run; `pytest --run-slow` includes it.
 """
-import time
 
 import pytest
 

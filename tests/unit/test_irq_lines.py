@@ -1,5 +1,5 @@
 """Interrupt lines shared by several devices behave like wired-OR ISA lines."""
-from kvmkit.machine import IrqLine, _Gsi
+from kvmkit.irq import Gsi, IrqLine
 
 
 class FakeVm:
@@ -12,7 +12,7 @@ class FakeVm:
 
 def test_level_changes_reach_kvm_once():
     vm = FakeVm()
-    line = IrqLine(_Gsi(vm, 4))
+    line = IrqLine(Gsi(vm, 4))
     line.set_level(True)
     line.set_level(True)
     line.set_level(False)
@@ -22,7 +22,7 @@ def test_level_changes_reach_kvm_once():
 
 def test_shared_line_stays_high_while_any_device_asserts_it():
     vm = FakeVm()
-    gsi = _Gsi(vm, 4)
+    gsi = Gsi(vm, 4)
     com1, com3 = IrqLine(gsi), IrqLine(gsi)
     com1.set_level(True)
     com3.set_level(True)
@@ -34,7 +34,7 @@ def test_shared_line_stays_high_while_any_device_asserts_it():
 
 def test_pulse_is_an_edge_unless_the_line_is_held():
     vm = FakeVm()
-    gsi = _Gsi(vm, 8)
+    gsi = Gsi(vm, 8)
     a, b = IrqLine(gsi), IrqLine(gsi)
     a.pulse()
     assert vm.calls == [(8, 1), (8, 0)]

@@ -1,0 +1,42 @@
+"""What the core hands a device when it creates it (see plugin_api.DeviceContext)."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from .plugin_api import MMIO, PIO, DeviceError
+
+
+class DeviceContext:
+    """What a device gets from the core (see kvmkit.plugin_api.DeviceContext)."""
+
+    def __init__(self, machine, name: str):
+        self._machine = machine
+        self.name = name
+        self.machine_name = machine.config.name
+        self.memory = machine.memory
+        self.lock = threading.RLock()
+        self.log = logging.getLogger(f"kvmkit.device.{name}")
+        self.threads: list[threading.Thread] = []
+
+    def add_io(self, space: str, base: int, size: int, handler) -> None:
+        bus = {PIO: self._machine.pio, MMIO: self._machine.mmio}.get(space)
+        if bus is None:
+            raise DeviceError(f"{self.name}: unknown address space {space!r} (use 'pio' or 'mmio')")
+        bus.add(base, size, handler, self.lock, self.name)
+
+    def irq(self, gsi: int):
+        return self._machine.irq(gsi)
+
+    def spawn(self, name: str, target) -> threading.Thread:
+        t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
+        self.threads.append(t)
+        t.start()
+        return t
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        self._machine.request_stop(reason, exit_code)
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._machine.stopping
