@@ -61,6 +61,15 @@ class Bus:
         self._bases.insert(i, base)
         self._ranges.insert(i, Range(base, size, handler, lock, owner))
 
+    def remove(self, base: int, owner: str) -> None:
+        """Drop the range at ``base`` that ``owner`` added (a BAR the guest moved)."""
+        i = bisect.bisect_left(self._bases, base)
+        if i < len(self._ranges) and self._ranges[i].base == base and self._ranges[i].owner == owner:
+            del self._bases[i]
+            del self._ranges[i]
+            return
+        raise KeyError(f"{owner} has no {self.space} range at {base:#x}")
+
     def find(self, addr: int) -> Range | None:
         i = bisect.bisect_right(self._bases, addr) - 1
         if i >= 0:

@@ -52,11 +52,11 @@ def _load_kernel(mem, path: Path) -> KernelImage:
 
 
 def load_linux(mem, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int,
-               *, acpi_rsdp_addr: int = 0) -> BootSetup:
+               *, acpi_rsdp_addr: int = 0, pci_irqs=()) -> BootSetup:
     """Load everything the kernel needs at its 64-bit entry; BootError on any bad input."""
     if not mem.contains(0, layout.HIGH_MEMORY_START):
         raise BootError(f"memory too small: the boot area alone needs 1 MiB, machine has {mem.size // layout.KIB} KiB")
-    mp = mptable.build(vcpus)                       # checks vcpus before anything is written
+    mp = mptable.build(vcpus, pci_irqs=pci_irqs)    # checks vcpus before anything is written
     image = _load_kernel(mem, Path(kernel))
     line = params.encode_cmdline(cmdline, image.cmdline_size)
     mem.write(layout.CMDLINE_START, line + bytes(layout.CMDLINE_MAX_SIZE - len(line)))

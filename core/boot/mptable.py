@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 from dataclasses import dataclass
 
 from . import layout
@@ -46,7 +47,10 @@ def _fix(data: bytearray, offset: int) -> bytes:
     return bytes(data)
 
 
-def _entries(vcpus: int) -> list[bytes]:
+PCI_INT_FLAGS = 0x0D          # active high, level triggered (KVM's IOAPIC takes level 1 as asserted)
+
+
+def _entries(vcpus: int, pci_irqs: Sequence[tuple[int, int, int]] = ()) -> list[bytes]:
     ioapic_id = vcpus
     out = [struct.pack("<BBBBII8x", ENTRY_PROCESSOR, i, LAPIC_VERSION,
                        CPU_ENABLED | (CPU_BSP if i == 0 else 0), CPU_SIGNATURE, CPU_FEATURES)
@@ -57,13 +61,17 @@ def _entries(vcpus: int) -> list[bytes]:
     # ISA IRQ n -> IOAPIC pin n: KVM's default GSI routing sends GSI n to pin n.
     out.extend(struct.pack("<BBHBBBB", ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, BUS_ISA, irq, ioapic_id, irq)
                for irq in range(ISA_IRQS))
+    # PCI INTx: source irq is (device << 2) | (pin - 1); the pin is the GSI the device raises.
+    out.extend(struct.pack("<BBHBBBB", ENTRY_IO_INTERRUPT, INT_TYPE_INT, PCI_INT_FLAGS, BUS_PCI,
+                           (device << 2) | (pin - 1), ioapic_id, gsi)
+               for device, pin, gsi in pci_irqs)
     out.append(struct.pack("<BBHBBBB", ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, BUS_ISA, 0, ALL_LAPICS, 0))
     out.append(struct.pack("<BBHBBBB", ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, BUS_ISA, 0, ALL_LAPICS, 1))
     return out
 
 
-def table_size(vcpus: int) -> int:
-    return FLOATING_SIZE + CONFIG_HEADER_SIZE + sum(map(len, _entries(vcpus)))
+def table_size(vcpus: int, pci_irqs: Sequence[tuple[int, int, int]] = ()) -> int:
+    return FLOATING_SIZE + CONFIG_HEADER_SIZE + sum(map(len, _entries(vcpus, pci_irqs)))
 
 
 def max_vcpus() -> int:
@@ -72,13 +80,15 @@ def max_vcpus() -> int:
     return (layout.EBDA_END - layout.MPTABLE_START - fixed) // 20
 
 
-def build(vcpus: int, base: int = layout.MPTABLE_START) -> MpTable:
+def build(vcpus: int, base: int = layout.MPTABLE_START,
+          pci_irqs: Sequence[tuple[int, int, int]] = ()) -> MpTable:
+    """``pci_irqs``: (device number, interrupt pin 1-4, GSI) of each PCI function on bus 0."""
     if vcpus < 1:
         raise BootError(f"the machine needs at least 1 vCPU, not {vcpus}")
-    if base + table_size(vcpus) > layout.EBDA_END:
+    if base + table_size(vcpus, pci_irqs) > layout.EBDA_END:
         raise BootError(f"the MP table for {vcpus} vCPUs does not fit in the EBDA at {base:#x}: "
                         f"use at most {max_vcpus()} vCPUs")
-    entries = _entries(vcpus)
+    entries = _entries(vcpus, pci_irqs)
     body = b"".join(entries)
     config = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", CONFIG_HEADER_SIZE + len(body),
                                    SPEC_REV, 0, b"KVMKIT  ", b"KVMKIT VM   ", 0, 0, len(entries),

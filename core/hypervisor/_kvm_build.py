@@ -26,6 +26,10 @@ KVM_CAP_IRQCHIP KVM_CAP_USER_MEMORY KVM_CAP_SET_TSS_ADDR KVM_CAP_EXT_CPUID
 KVM_CAP_IOEVENTFD KVM_CAP_IRQFD KVM_CAP_PIT2 KVM_CAP_IRQ_ROUTING KVM_CAP_NR_VCPUS
 KVM_CAP_MAX_VCPUS KVM_CAP_VCPU_EVENTS KVM_CAP_IMMEDIATE_EXIT
 KVM_PIT_SPEAKER_DUMMY KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE
+KVM_IRQCHIP_IOAPIC KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE
+KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
+KVM_CAP_IOEVENTFD_ANY_LENGTH
 """.split()
 
 CDEF = """
@@ -85,6 +89,9 @@ static const int KVMKIT_MSRS_HEADER;
 static const int KVMKIT_EVENTS_SIZE;
 static const int KVMKIT_EVENTS_FLAGS_OFFSET;
 static const int KVMKIT_EVENTS_EXCEPTION_OFFSET;
+static const int KVMKIT_ROUTING_HEADER;
+static const int KVMKIT_ROUTING_ENTRY_SIZE;
+static const int KVMKIT_ROUTING_ENTRY_U_OFFSET;
 
 int kvmkit_ioctl(int fd, unsigned long request, void *arg);
 int kvmkit_ioctl_val(int fd, unsigned long request, unsigned long arg);
@@ -124,6 +131,9 @@ static const int KVMKIT_MSRS_HEADER = offsetof(struct kvm_msrs, entries);
 static const int KVMKIT_EVENTS_SIZE = sizeof(struct kvm_vcpu_events);
 static const int KVMKIT_EVENTS_FLAGS_OFFSET = offsetof(struct kvm_vcpu_events, flags);
 static const int KVMKIT_EVENTS_EXCEPTION_OFFSET = offsetof(struct kvm_vcpu_events, exception);
+static const int KVMKIT_ROUTING_HEADER = offsetof(struct kvm_irq_routing, entries);
+static const int KVMKIT_ROUTING_ENTRY_SIZE = sizeof(struct kvm_irq_routing_entry);
+static const int KVMKIT_ROUTING_ENTRY_U_OFFSET = offsetof(struct kvm_irq_routing_entry, u);
 
 /* ioctl wrappers: return the result, or -errno; the GIL is released by cffi. */
 int kvmkit_ioctl(int fd, unsigned long request, void *arg)

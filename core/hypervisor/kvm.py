@@ -122,6 +122,44 @@ class Vm:
         buf = ffi.new("__u32[2]", [gsi, level])
         _ioctl(self.fd, lib.KVM_IRQ_LINE, buf, "KVM_IRQ_LINE")
 
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """Make guest writes of ``length`` bytes to ``addr`` signal eventfd ``fd``."""
+        flags = (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0) \
+            | (lib.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0) \
+            | (lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        arg = ffi.new("struct kvm_ioeventfd *", {"datamatch": datamatch or 0, "addr": addr,
+                                                  "len": length, "fd": fd, "flags": flags})
+        _ioctl(self.fd, lib.KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
+
+    def irqfd(self, fd: int, gsi: int, *, resample_fd: int | None = None, deassign: bool = False) -> None:
+        """Make a write to eventfd ``fd`` raise ``gsi`` (with a resample fd: level-triggered)."""
+        flags = (lib.KVM_IRQFD_FLAG_RESAMPLE if resample_fd is not None else 0) \
+            | (lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
+        arg = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi, "flags": flags,
+                                              "resamplefd": resample_fd or 0})
+        _ioctl(self.fd, lib.KVM_IRQFD, arg, "KVM_IRQFD")
+
+    def set_gsi_routing(self, routes: list[tuple]) -> None:
+        """Replace the GSI routing table.  Each route is ("irqchip", gsi, chip, pin)
+        or ("msi", gsi, address, data)."""
+        size = lib.KVMKIT_ROUTING_ENTRY_SIZE
+        buf = ffi.new("char[]", lib.KVMKIT_ROUTING_HEADER + len(routes) * size)
+        raw = ffi.buffer(buf)
+        struct.pack_into("<II", raw, 0, len(routes), 0)
+        for i, route in enumerate(routes):
+            at = lib.KVMKIT_ROUTING_HEADER + i * size
+            u = at + lib.KVMKIT_ROUTING_ENTRY_U_OFFSET
+            if route[0] == "irqchip":
+                _, gsi, chip, pin = route
+                struct.pack_into("<IIII", raw, at, gsi, lib.KVM_IRQ_ROUTING_IRQCHIP, 0, 0)
+                struct.pack_into("<II", raw, u, chip, pin)
+            else:
+                _, gsi, address, data = route
+                struct.pack_into("<IIII", raw, at, gsi, lib.KVM_IRQ_ROUTING_MSI, 0, 0)
+                struct.pack_into("<III", raw, u, address & 0xFFFFFFFF, address >> 32, data)
+        _ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
+
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         return Vcpu(self, fd, index)

@@ -157,3 +157,20 @@ def test_corrupting_a_byte_breaks_the_checksum():
     bad = bytearray(t.config)
     bad[50] ^= 1
     assert mptable.checksum(bytes(bad)) != 0
+
+
+def test_mptable_pci_interrupt_entries():
+    t = mptable.build(2, pci_irqs=[(1, 1, 16), (3, 1, 18)])
+    assert mptable.checksum(t.floating) == 0 and mptable.checksum(t.config) == 0
+    plain = mptable.build(2)
+    assert t.entry_count == plain.entry_count + 2
+    body = t.config[44:]
+    found = []
+    i = 0
+    while i < len(body):
+        kind = body[i]
+        size = 20 if kind == 0 else 8
+        if kind == 3 and body[i + 4] == mptable.BUS_PCI:
+            found.append((body[i + 5], body[i + 7], int.from_bytes(body[i + 2:i + 4], "little")))
+        i += size
+    assert found == [((1 << 2) | 0, 16, 0x0D), ((3 << 2) | 0, 18, 0x0D)]

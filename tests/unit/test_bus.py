@@ -119,3 +119,14 @@ def test_device_lock_is_held_during_the_call():
     bus.read(0x10, 1)
     bus.write(0x10, 1, 0)
     assert not lock._is_owned()
+
+
+def test_remove_then_add_elsewhere():
+    bus, dev = make_bus(), Recorder()
+    bus.add(0xC000_0000, 0x8000, dev, threading.RLock(), "virtio-blk.0")
+    with pytest.raises(KeyError):
+        bus.remove(0xC000_0000, "someone-else")
+    bus.remove(0xC000_0000, "virtio-blk.0")
+    assert bus.find(0xC000_0000) is None
+    bus.add(0xD000_0000, 0x8000, dev, threading.RLock(), "virtio-blk.0")
+    assert bus.find(0xD000_1000).owner == "virtio-blk.0"
