@@ -122,6 +122,11 @@ class PciHost:
         by device number; the host bridge is not included."""
         return [(n, f) for n, f in enumerate(self._slots) if f is not None and f is not self.bridge]
 
+    def interrupt_pins(self) -> list[tuple[int, int]]:
+        """(device_number, interrupt pin 1-4) of each function that uses INTx,
+        for the MP table's bus-0 interrupt entries."""
+        return [(n, f.config.interrupt_pin) for n, f in self.functions() if f.config.interrupt_pin]
+
     # -- configuration accesses ------------------------------------------------------------
     def config_for(self, bus: int, device: int, function: int) -> ConfigSpace | None:
         if bus != 0 or function != 0:

@@ -86,6 +86,13 @@ def test_add_takes_the_next_free_device_number(host):
         host.add(object())
 
 
+def test_interrupt_pins_for_the_mp_table(host):
+    host.add(Function(pin=1))
+    host.add(Function(pin=0))
+    host.add(Function(pin=2))
+    assert host.interrupt_pins() == [(1, 1), (3, 2)]
+
+
 def test_bus_full(host):
     for n in range(1, 32):
         assert host.add(Function()) == n
