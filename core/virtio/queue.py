@@ -55,6 +55,7 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+MAX_CHAIN_BYTES = 1 << 32       # 2.7.5.2: no chain longer than 2^32 bytes
 
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")
@@ -242,23 +243,33 @@ class SplitQueue:
         return chain
 
     def _walk(self, head: int) -> Chain:
+        """Copy out and check the chain at ``head``.
+
+        Limits (2.7.5.2, 2.7.5.3.1): at most ``size`` buffer descriptors in
+        the whole chain, direct and indirect together; no more visits to a
+        table than it has entries (which is how a loop shows); at most 2^32
+        bytes in total.
+        """
         if head >= self.size:
             raise VirtqueueError(f"head descriptor {head} is outside the {self.size}-entry table")
         mem = self.memory
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         table, table_len = self._desc, self.size
-        index, seen = head, 0
+        index = head
+        visits = 0              # descriptors read from the current table
+        buffers = 0             # buffer descriptors in the chain (table pointers excluded)
+        total = 0               # bytes
         in_indirect = False
         seen_writable = False
         while True:
             if index >= table_len:
                 raise VirtqueueError(f"descriptor index {index} is outside the "
                                      f"{table_len}-entry {'indirect ' if in_indirect else ''}table")
-            seen += 1
-            if seen > table_len:
-                raise VirtqueueError(f"chain from head {head} is longer than its "
-                                     f"{table_len}-entry table (a loop?)")
+            visits += 1
+            if visits > table_len:
+                raise VirtqueueError(f"chain from head {head} visits more descriptors than its "
+                                     f"{table_len}-entry table holds (a loop)")
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
@@ -276,21 +287,23 @@ class SplitQueue:
                                          "guest RAM")
                 # The WRITE flag of the descriptor naming the table is ignored (2.7.5.3.2).
                 table, table_len = mem.view(addr, length), length // DESC_SIZE
-                index, seen, in_indirect = 0, 0, True
+                index, visits, in_indirect = 0, 0, True
                 continue
+            buffers += 1
+            if buffers > self.size:
+                raise VirtqueueError(f"chain from head {head} is longer than the queue size "
+                                     f"{self.size}")
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_writable = True
-                if length:
-                    if not mem.contains(addr, length):
-                        raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is not inside guest RAM")
-                    writable.append((addr, length))
-            else:
-                if seen_writable:
-                    raise VirtqueueError("device-readable descriptor after a device-writable one")
-                if length:
-                    if not mem.contains(addr, length):
-                        raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is not inside guest RAM")
-                    readable.append((addr, length))
+            elif seen_writable:
+                raise VirtqueueError("device-readable descriptor after a device-writable one")
+            if length:
+                if not mem.contains(addr, length):
+                    raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is not inside guest RAM")
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise VirtqueueError(f"chain from head {head} is longer than 2^32 bytes")
+                (writable if flags & VIRTQ_DESC_F_WRITE else readable).append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return Chain(head, readable, writable)
             index = nxt

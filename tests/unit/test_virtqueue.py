@@ -458,6 +458,22 @@ def _hostile_cases():
         s.drv.write_desc(1, table, 16, INDIRECT)
         s.drv.submit_head(0)
 
+    def indirect_chain_longer_than_queue(s):
+        table = s.alloc.alloc(17 * 16)            # 17 entries, all chained: 17 > size 16
+        for i in range(17):
+            s.drv.write_desc(i, 0x8000, 16, NEXT if i < 16 else 0, i + 1, table=table)
+        s.drv.write_desc(0, table, 17 * 16, INDIRECT)
+        s.drv.submit_head(0)
+
+    def direct_plus_indirect_longer_than_queue(s):
+        table = s.alloc.alloc(8 * 16)
+        for i in range(8):
+            s.drv.write_desc(i, 0x8000, 16, NEXT if i < 7 else 0, i + 1, table=table)
+        for i in range(9):                        # 9 direct + 8 in the table = 17
+            s.drv.write_desc(i, 0x8000, 16, NEXT, i + 1)
+        s.drv.write_desc(9, table, 8 * 16, INDIRECT)
+        s.drv.submit_head(0)
+
     def avail_idx_jumps_ahead(s):
         s.drv.write_desc(0, 0x8000, 16)
         s.drv.write_avail_entry(0, 0)
@@ -491,6 +507,8 @@ def _hostile_cases():
         "writable_then_readable": (plain, writable_then_readable),
         "writable_then_readable_in_indirect": (ind, writable_then_readable_in_indirect),
         "writable_direct_then_readable_in_indirect": (ind, writable_direct_then_readable_in_indirect),
+        "indirect_chain_longer_than_queue": (ind, indirect_chain_longer_than_queue),
+        "direct_plus_indirect_longer_than_queue": (ind, direct_plus_indirect_longer_than_queue),
         "avail_idx_jumps_ahead": (plain, avail_idx_jumps_ahead),
         "avail_idx_goes_backwards": (plain, avail_idx_goes_backwards),
     }
@@ -514,6 +532,29 @@ def test_hostile_chain_raises_and_writes_nothing(name, event_idx):
     with pytest.raises(VirtqueueError, match="needs a reset"):
         s.q.pop()                                 # the queue stays broken
     assert s.snapshot() == before
+
+
+def test_indirect_table_of_queue_size_entries_is_accepted():
+    """Linux fills an indirect table with up to seg_max + 2 entries; with
+    seg_max = size - 2 that is exactly the queue size, plus the table pointer."""
+    s = Setup(size=16, indirect=True, indirect_max=16)
+    bufs = [s.buf(length=8) for _ in range(16)]
+    head = s.drv.add(bufs[:1], bufs[1:], indirect=True)
+    c = s.q.pop()
+    assert (c.head, len(c.readable), len(c.writable)) == (head, 1, 15)
+
+
+def test_chain_over_4_gib_in_total():
+    size = 3 << 30                                # anonymous, untouched: costs no RAM
+    mem = GuestMemory(size)                       # (the queue's views keep it mapped)
+    alloc = GuestAllocator(mem, 0x1000, 0x100000)
+    drv = DriverQueue(mem, 8, alloc)
+    q = SplitQueue(mem, 8, *drv.addresses, event_idx=False, indirect=False)
+    drv.add([(0x100000, 0x8000_0000), (0x100000, 0x8000_0000)])   # exactly 2^32: allowed
+    assert q.pop().readable_len == 1 << 32
+    drv.add([(0x100000, 0x8000_0000), (0x100000, 0x8000_0000), (0x100000, 1)])
+    with pytest.raises(VirtqueueError, match="2\\^32"):
+        q.pop()
 
 
 def test_good_chain_before_a_bad_one_is_still_served():
