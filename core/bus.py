@@ -43,8 +43,10 @@ MissHandler = Callable[[str, int, int, bool, int], "int | None"]
 class Bus:
     def __init__(self, space: str, miss: MissHandler | None = None):
         self.space = space
-        self._bases: list[int] = []
-        self._ranges: list[Range] = []
+        # (bases, ranges), replaced whole on every change: lookups on vCPU
+        # threads never see a half-updated table while a BAR moves.
+        self._table: tuple[tuple[int, ...], tuple[Range, ...]] = ((), ())
+        self._change_lock = threading.Lock()
         self._miss = miss
         self._missed: set[int] = set()
         self._missed_lock = threading.Lock()
@@ -52,34 +54,38 @@ class Bus:
     def add(self, base: int, size: int, handler, lock, owner: str) -> None:
         if size <= 0 or base < 0:
             raise BusConflict(f"{owner}: bad {self.space} range {base:#x}+{size:#x}")
-        i = bisect.bisect_right(self._bases, base)
-        for neighbour in self._ranges[max(i - 1, 0):i + 1]:
-            if base < neighbour.end and neighbour.base < base + size:
-                raise BusConflict(
-                    f"{owner}: {self.space} range {base:#x}-{base + size - 1:#x} overlaps "
-                    f"{neighbour.owner} at {neighbour.base:#x}-{neighbour.end - 1:#x}")
-        self._bases.insert(i, base)
-        self._ranges.insert(i, Range(base, size, handler, lock, owner))
+        with self._change_lock:
+            bases, ranges = self._table
+            i = bisect.bisect_right(bases, base)
+            for neighbour in ranges[max(i - 1, 0):i + 1]:
+                if base < neighbour.end and neighbour.base < base + size:
+                    raise BusConflict(
+                        f"{owner}: {self.space} range {base:#x}-{base + size - 1:#x} overlaps "
+                        f"{neighbour.owner} at {neighbour.base:#x}-{neighbour.end - 1:#x}")
+            self._table = (bases[:i] + (base,) + bases[i:],
+                           ranges[:i] + (Range(base, size, handler, lock, owner),) + ranges[i:])
 
     def remove(self, base: int, owner: str) -> None:
         """Drop the range at ``base`` that ``owner`` added (a BAR the guest moved)."""
-        i = bisect.bisect_left(self._bases, base)
-        if i < len(self._ranges) and self._ranges[i].base == base and self._ranges[i].owner == owner:
-            del self._bases[i]
-            del self._ranges[i]
-            return
+        with self._change_lock:
+            bases, ranges = self._table
+            i = bisect.bisect_left(bases, base)
+            if i < len(ranges) and ranges[i].base == base and ranges[i].owner == owner:
+                self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
+                return
         raise KeyError(f"{owner} has no {self.space} range at {base:#x}")
 
     def find(self, addr: int) -> Range | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            r = self._ranges[i]
+            r = ranges[i]
             if addr < r.end:
                 return r
         return None
 
     def ranges(self) -> list[Range]:
-        return list(self._ranges)
+        return list(self._table[1])
 
     # -- dispatch ------------------------------------------------------------------
     def read(self, addr: int, size: int) -> int:

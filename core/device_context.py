@@ -28,6 +28,13 @@ class DeviceContext:
     def irq(self, gsi: int):
         return self._machine.irq(gsi)
 
+    def add_virtio(self, device):
+        """Put a virtio device model behind the virtio-pci transport."""
+        from .virtio.runtime import VirtioPciRuntime
+        runtime = VirtioPciRuntime(self._machine, self, device)
+        self._machine.virtio.append(runtime)
+        return runtime
+
     def spawn(self, name: str, target) -> threading.Thread:
         t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
         self.threads.append(t)

@@ -16,8 +16,9 @@ from .config import MachineConfig, validate_device
 from .hypervisor import cpu_setup, host_quirks
 from .hypervisor.kvm import Kvm
 from .device_context import DeviceContext
-from .irq import Gsi, IrqLine
+from .irq import Gsi, GsiRouter, IrqLine
 from .memory import GuestMemory
+from .pci import MmioAllocator, PciHost
 from .plugin_api import MMIO, PIO, DeviceError
 from .plugins import PluginError, load_kinds, new_manager
 from .vcpu import EXIT_ERROR, Stop, VcpuThread
@@ -44,6 +45,10 @@ class Machine:
         self.pio = Bus(PIO, self._miss)
         self.mmio = Bus(MMIO, self._miss)
         self.devices: list[tuple[DeviceContext, object]] = []
+        self.virtio: list = []                # VirtioPciRuntime per virtio device
+        self.pci = PciHost()
+        self.mmio_alloc = MmioAllocator()
+        self.router = None
         self.vcpus: list = []
         self.threads: list[VcpuThread] = []
         self.quirks = False
@@ -86,6 +91,10 @@ class Machine:
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
+        self.router = GsiRouter(self.vm)
+        pci_lock = threading.RLock()
+        for base, size, handler in self.pci.pio_ranges():
+            self.pio.add(base, size, handler, pci_lock, "pci-host")
 
         counts: dict[str, int] = {}
         for table, dcfg in zip(cfg.devices, device_configs):
@@ -103,7 +112,8 @@ class Machine:
         self.quirks = host_quirks.resolve(cfg.host_quirks)
         self.cmdline = self._cmdline()
         try:
-            boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus)
+            boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus,
+                              pci_irqs=[(rt.slot, 1, rt.gsi) for rt in self.virtio])
         except BootError as e:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()
@@ -144,6 +154,8 @@ class Machine:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, lambda *_: None)     # only to interrupt KVM_RUN
         self.started_at = time.monotonic()
+        for rt in self.virtio:
+            rt.start()
         for _ctx, device in self.devices:
             start = getattr(device, "start", None)
             if start is not None:
@@ -171,6 +183,11 @@ class Machine:
     def close(self) -> None:
         """Release everything; safe after a partial build."""
         self.stopping.set()
+        for rt in self.virtio:                  # queue workers first, then the devices' files
+            try:
+                rt.close()
+            except Exception:
+                log.exception("closing %s failed", rt.ctx.name)
         for ctx, device in reversed(self.devices):
             close = getattr(device, "close", None)
             if close is not None:

@@ -39,13 +39,16 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import pluggy
 
+from .virtio.device import VirtioDevice  # noqa: E402  (re-exported for device plugins)
+from .virtio.queue import Chain, SplitQueue, VirtqueueError  # noqa: E402
+
 PROJECT = "kvmkit"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "hookimpl", "Key", "DeviceSpec", "DevicePlugin", "DeviceConfig", "Size", "REQUIRED",
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
-    "DeviceError", "PIO", "MMIO",
+    "DeviceError", "PIO", "MMIO", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
 ]
 
 PIO = "pio"
@@ -223,6 +226,10 @@ class DeviceContext(Protocol):
 
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line ``gsi`` (ISA IRQs 0-15 are GSIs 0-15)."""
+
+    def add_virtio(self, device: "VirtioDevice") -> object:
+        """Put a :class:`VirtioDevice` model on the PCI bus behind the
+        virtio-pci transport; the core runs its queues on a worker thread."""
 
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         """Start a daemon thread the core knows of (joined at shutdown)."""

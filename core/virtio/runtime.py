@@ -1,0 +1,146 @@
+"""Wiring a virtio device to KVM through the virtio-pci transport.
+
+Per device: a PCI function on bus 0 with its BAR in the PCI hole, the BAR on
+the MMIO bus while the guest has memory decoding on, an ioeventfd per queue
+notification address (a kick never waits on the VMM), an irqfd per MSI-X
+vector (GSI routes follow the guest's MSI-X table), INTx on a shared GSI as
+the fallback, and a worker thread that runs the device when its queues are
+kicked.  Everything that touches the device holds the device's lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+
+from ..bus import BusConflict
+from ..irq import MsiVector
+from .pci_transport import BAR_INDEX, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER, VirtioPciTransport
+
+log = logging.getLogger("kvmkit.virtio")
+
+PCI_INTX_GSIS = tuple(range(16, 24))     # IOAPIC pins above the ISA ones, shared round-robin
+
+
+class _LockedConfig:
+    """The function's config space as the PCI host sees it: every access
+    takes the device lock, as BAR accesses do."""
+
+    def __init__(self, config, lock):
+        self._config = config
+        self._lock = lock
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            return self._config.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self._config.write(offset, size, value)
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class VirtioPciRuntime:
+    def __init__(self, machine, ctx, device):
+        self.machine = machine
+        self.ctx = ctx
+        self.device = device
+        self.vectors: list[MsiVector] = []
+        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.transport = VirtioPciTransport(device, machine.memory, deliver=self._deliver,
+                                            set_intx=self._set_intx, kick=self._kick,
+                                            on_vector_change=self._route)
+        self.vectors = [MsiVector(machine.router) for _ in range(self.transport.vectors)]
+        config = self.transport.config
+        self.config = _LockedConfig(config, ctx.lock)
+        self.slot = machine.pci.add(self)
+        self.gsi = PCI_INTX_GSIS[self.slot % len(PCI_INTX_GSIS)]
+        config.poke(0x3C, bytes([self.gsi]))              # interrupt line, as firmware would
+        self.line = ctx.irq(self.gsi)
+        machine.mmio_alloc.assign_bars(config)
+        self.mapped: int | None = None
+        config.on_change = lambda _event: self._remap()
+        self.worker = None
+
+    # -- the BAR ---------------------------------------------------------------------------
+    def _remap(self) -> None:
+        """Follow the guest's BAR address and memory-decode bit."""
+        config = self.transport.config
+        want = config.bar_address(BAR_INDEX) if config.memory_enabled else None
+        if want == self.mapped:
+            return
+        if self.mapped is not None:
+            self.machine.mmio.remove(self.mapped, self.ctx.name)
+            self._ioeventfds(self.mapped, deassign=True)
+            self.mapped = None
+        if want is None:
+            return
+        try:
+            self.machine.mmio.add(want, BAR_SIZE, self.transport, self.ctx.lock, self.ctx.name)
+        except BusConflict as e:
+            log.warning("%s: BAR not mapped: %s", self.ctx.name, e)
+            return
+        self.mapped = want
+        self._ioeventfds(want)
+
+    def _ioeventfds(self, base: int, deassign: bool = False) -> None:
+        for i, fd in enumerate(self.queue_fds):
+            try:
+                self.machine.vm.ioeventfd(fd, base + NOTIFY + i * NOTIFY_MULTIPLIER, 2, deassign=deassign)
+            except OSError as e:            # kicks still arrive as MMIO exits
+                log.warning("%s: queue %d ioeventfd: %s", self.ctx.name, i, e)
+
+    # -- interrupts --------------------------------------------------------------------------
+    def _route(self, index: int) -> None:
+        entry = self.transport.msix.vector(index)
+        if not entry.masked:
+            self.vectors[index].route(entry.address, entry.data)
+
+    def _deliver(self, index: int, address: int, data: int) -> None:
+        vector = self.vectors[index]
+        vector.route(address, data)
+        vector.fire()
+
+    def _set_intx(self, level: bool) -> None:
+        if hasattr(self, "line"):
+            self.line.set_level(level)
+
+    # -- the worker --------------------------------------------------------------------------
+    def _kick(self, index: int) -> None:
+        if index < len(self.queue_fds):
+            os.eventfd_write(self.queue_fds[index], 1)
+
+    def start(self) -> None:
+        self.worker = self.ctx.spawn("queues", self._work)
+
+    def _work(self) -> None:
+        poller = select.poll()
+        index_of = {fd: i for i, fd in enumerate(self.queue_fds)}
+        for fd in (*self.queue_fds, self.stop_fd):
+            poller.register(fd, select.POLLIN)
+        while not self.ctx.stopping.is_set():
+            for fd, _ in poller.poll(500):
+                if fd == self.stop_fd:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                with self.ctx.lock:
+                    self.transport.notify(index_of[fd])
+
+    def close(self) -> None:
+        os.eventfd_write(self.stop_fd, 1)
+        if self.worker is not None:
+            self.worker.join(timeout=5)
+        with self.ctx.lock:
+            if self.mapped is not None:
+                self._ioeventfds(self.mapped, deassign=True)
+            self.transport.reset()
+        for v in self.vectors:
+            v.close()
+        for fd in (*self.queue_fds, self.stop_fd):
+            os.close(fd)
