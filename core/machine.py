@@ -105,6 +105,10 @@ class Machine:
                 device = self.pm.hook.kvmkit_create_device(kind=table.kind, config=dcfg, ctx=ctx)
             except (DeviceError, BusConflict) as e:
                 raise MachineError(f"{table.where}: {e}") from None
+            except Exception as e:                  # a plugin bug: name the plugin, keep the details
+                log.debug("creating %s failed", ctx.name, exc_info=True)
+                raise MachineError(f"{table.where}: the {table.kind!r} plugin failed to create the "
+                                   f"device: {type(e).__name__}: {e} (--debug shows where)") from e
             if device is None:
                 raise PluginError(f"{table.where}: the plugin for kind {table.kind!r} created no device")
             self.devices.append((ctx, device))

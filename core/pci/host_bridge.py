@@ -11,6 +11,8 @@ writes are dropped.
 """
 from __future__ import annotations
 
+import contextlib
+
 from .config_space import ConfigSpace
 
 CONFIG_ADDRESS_PORT = 0xCF8
@@ -69,14 +71,16 @@ class _DataPort:
         target = self._host._selected(offset)
         if target is None:
             return (1 << (8 * size)) - 1
-        config, register = target
-        return config.read(register, size)
+        config, register, lock = target
+        with lock:
+            return config.read(register, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         target = self._host._selected(offset)
         if target is not None:
-            config, register = target
-            config.write(register, size, value)
+            config, register, lock = target
+            with lock:
+                config.write(register, size, value)
 
 
 class PciHost:
@@ -101,8 +105,9 @@ class PciHost:
                 (CONFIG_DATA_PORT, PORT_SIZE, self.data_port)]
 
     def add(self, function) -> int:
-        """Put ``function`` (anything with a ``config`` ConfigSpace) in the
-        lowest free device number and return that number."""
+        """Put ``function`` (anything with a ``config`` ConfigSpace, and
+        optionally a ``lock`` held around its config accesses) in the lowest
+        free device number and return that number."""
         if not isinstance(getattr(function, "config", None), ConfigSpace):
             raise TypeError(f"{function!r} has no 'config' ConfigSpace")
         if any(f is function for f in self._slots):
@@ -138,7 +143,11 @@ class PciHost:
         address = self.address
         if not address & CONFIG_ADDRESS_ENABLE:
             return None
-        config = self.config_for((address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7)
+        bus, device, function = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7
+        config = self.config_for(bus, device, function)
         if config is None:
             return None
-        return config, (address & 0xFC) + offset
+        # A function with a ``lock`` (its device's lock) gets config accesses
+        # serialised with everything else that touches the device.
+        lock = getattr(self.function(device), "lock", None) or contextlib.nullcontext()
+        return config, (address & 0xFC) + offset, lock

@@ -22,26 +22,6 @@ log = logging.getLogger("kvmkit.virtio")
 PCI_INTX_GSIS = tuple(range(16, 24))     # IOAPIC pins above the ISA ones, shared round-robin
 
 
-class _LockedConfig:
-    """The function's config space as the PCI host sees it: every access
-    takes the device lock, as BAR accesses do."""
-
-    def __init__(self, config, lock):
-        self._config = config
-        self._lock = lock
-
-    def read(self, offset: int, size: int) -> int:
-        with self._lock:
-            return self._config.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self._lock:
-            self._config.write(offset, size, value)
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-
 class VirtioPciRuntime:
     def __init__(self, machine, ctx, device):
         self.machine = machine
@@ -54,8 +34,8 @@ class VirtioPciRuntime:
                                             set_intx=self._set_intx, kick=self._kick,
                                             on_vector_change=self._route)
         self.vectors = [MsiVector(machine.router) for _ in range(self.transport.vectors)]
-        config = self.transport.config
-        self.config = _LockedConfig(config, ctx.lock)
+        config = self.config = self.transport.config
+        self.lock = ctx.lock                              # the PCI host holds it for config accesses
         self.slot = machine.pci.add(self)
         self.gsi = PCI_INTX_GSIS[self.slot % len(PCI_INTX_GSIS)]
         config.poke(0x3C, bytes([self.gsi]))              # interrupt line, as firmware would

@@ -1,0 +1,132 @@
+"""virtio-blk under KVM, asserted on what the guest kernel reports.
+
+Boot 1: two disks, an ext4 root (no journal, so the host can check it after
+an unclean end) mounted read-write, and a second disk with an MBR partition
+table written here on the host.  Boot 2: a read-only disk given as the rw
+root: the kernel falls back to mounting it read-only.  No initramfs: the
+kernel mounts root= itself and then finds no init, panics, and resets.
+"""
+import struct
+import subprocess
+import time
+
+import pytest
+
+from guest import run_kvmkit
+
+pytestmark = pytest.mark.kvm
+
+MIB = 1 << 20
+
+
+def make_ext4(path, size_mib, label):
+    with open(path, "wb") as f:
+        f.truncate(size_mib * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", label, str(path)], check=True)
+
+
+def make_partitioned(path, size_mib, parts):
+    """An MBR with primary partitions ``parts`` = [(start_sector, sectors, type)]."""
+    mbr = bytearray(512)
+    for i, (start, count, kind) in enumerate(parts):
+        mbr[446 + 16 * i:446 + 16 * (i + 1)] = struct.pack("<B3sB3sII", 0, b"\xff\xff\xff", kind,
+                                                           b"\xff\xff\xff", start, count)
+    mbr[510:512] = b"\x55\xaa"
+    with open(path, "wb") as f:
+        f.truncate(size_mib * MIB)
+        f.write(mbr)
+
+
+def machine(path, image, cmdline, disks):
+    devices = "".join(f'\n[[device]]\nkind = "virtio-blk"\npath = "{d}"\n{extra}' for d, extra in disks)
+    path.write_text(f"""
+[machine]
+memory = "256M"
+vcpus = 1
+
+[kernel]
+image = "{image}"
+cmdline = "{cmdline}"
+
+[[device]]
+kind = "serial8250"
+
+[[device]]
+kind = "rtc"
+
+[[device]]
+kind = "i8042"
+{devices}""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_disks(guest_kit, tmp_path_factory):
+    d = tmp_path_factory.mktemp("blk")
+    root, data = d / "root.img", d / "data.img"
+    make_ext4(root, 64, "kvmkit-root")
+    make_partitioned(data, 32, [(2048, 16384, 0x83), (18432, 43008, 0x83)])
+    m = machine(d / "two.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw",
+                [(root, ""), (data, "")])
+    started = time.time()
+    result = run_kvmkit(["-v", "run", str(m)], timeout=900)
+    print(result.describe())
+    return result, root, started
+
+
+def test_disk_sizes(two_disks):
+    result, _, _ = two_disks
+    assert result.find(r"virtio_blk virtio\d+: \[vda\] 131072 512-byte logical blocks"), result.describe()
+    assert result.find(r"virtio_blk virtio\d+: \[vdb\] 65536 512-byte logical blocks"), result.describe()
+
+
+def test_partitions_read_from_the_host_made_table(two_disks):
+    result, _, _ = two_disks
+    assert result.find(r"^\[[ \d.]+\]\s+vdb: vdb1 vdb2\s*$"), result.describe()
+
+
+def test_ext4_root_mounted_read_write(two_disks):
+    result, _, _ = two_disks
+    assert result.find(r"EXT4-fs \(vda\): mounted filesystem"), result.describe()
+    assert result.find(r"VFS: Mounted root \(ext4 filesystem\) on device"), result.describe()
+    assert not result.find(r"Mounted root .* readonly")
+
+
+def test_guest_ends_with_reset(two_disks):
+    result, _, _ = two_disks
+    assert result.returncode == 0, result.describe()
+
+
+def test_image_is_consistent_and_records_the_guest_mount(two_disks):
+    _, root, started = two_disks
+    check = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(root)], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    assert int(fields["Mount count"]) == 1
+    mounted = time.mktime(time.strptime(fields["Last mount time"].strip(), "%a %b %d %H:%M:%S %Y"))
+    assert mounted >= started - 120            # the guest's RTC-derived clock, within slack
+
+
+@pytest.fixture(scope="module")
+def readonly_root(guest_kit, tmp_path_factory):
+    d = tmp_path_factory.mktemp("blk-ro")
+    root = d / "ro.img"
+    make_ext4(root, 32, "kvmkit-ro")
+    before = root.read_bytes()
+    m = machine(d / "ro.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw",
+                [(root, "readonly = true")])
+    result = run_kvmkit(["-v", "run", str(m)], timeout=900)
+    print(result.describe())
+    return result, root, before
+
+
+def test_readonly_root_falls_back_to_a_readonly_mount(readonly_root):
+    result, _, _ = readonly_root
+    assert result.find(r"VFS: Mounted root \(ext4 filesystem\) readonly on device"), result.describe()
+    assert result.returncode == 0, result.describe()
+
+
+def test_readonly_image_is_untouched(readonly_root):
+    _, root, before = readonly_root
+    assert root.read_bytes() == before
