@@ -68,7 +68,8 @@ class VirtioPciTransport:
                  deliver: Callable[[int, int, int], None] | None = None,
                  set_intx: Callable[[bool], None] | None = None,
                  kick: Callable[[int], None] | None = None,
-                 on_vector_change: Callable[[int], None] | None = None):
+                 on_vector_change: Callable[[int], None] | None = None,
+                 on_msix_control: Callable[[bool, bool], None] | None = None):
         self.device = device
         self.memory = memory
         self.deliver = deliver or (lambda vector, address, data: None)
@@ -89,7 +90,7 @@ class VirtioPciTransport:
             CAP_NOTIFY, NOTIFY, NOTIFY_MULTIPLIER * max(len(self.queues), 1),
             struct.pack("<I", NOTIFY_MULTIPLIER)))
         self.msix = MsixTable(self.vectors, on_deliver=self.deliver,
-                              on_vector_change=on_vector_change)
+                              on_vector_change=on_vector_change, on_control_change=on_msix_control)
         MsixCapability(self.msix, table_bar=BAR_INDEX, table_offset=MSIX_TABLE,
                        pba_bar=BAR_INDEX, pba_offset=MSIX_PBA).install(self.config)
         device._notify_config = self._config_interrupt

@@ -32,7 +32,8 @@ class VirtioPciRuntime:
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.transport = VirtioPciTransport(device, machine.memory, deliver=self._deliver,
                                             set_intx=self._set_intx, kick=self._kick,
-                                            on_vector_change=self._route)
+                                            on_vector_change=self._route,
+                                            on_msix_control=self._msix_control)
         self.vectors = [MsiVector(machine.router) for _ in range(self.transport.vectors)]
         config = self.config = self.transport.config
         self.lock = ctx.lock                              # the PCI host holds it for config accesses
@@ -78,6 +79,10 @@ class VirtioPciRuntime:
         entry = self.transport.msix.vector(index)
         if not entry.masked:
             self.vectors[index].route(entry.address, entry.data)
+
+    def _msix_control(self, enabled: bool, function_masked: bool) -> None:
+        log.info("%s: MSI-X %s%s", self.ctx.name, "enabled" if enabled else "disabled",
+                 " (function masked)" if function_masked else "")
 
     def _deliver(self, index: int, address: int, data: int) -> None:
         vector = self.vectors[index]

@@ -97,6 +97,11 @@ def test_guest_ends_with_reset(two_disks):
     assert result.returncode == 0, result.describe()
 
 
+def test_interrupts_went_through_msix(two_disks):
+    result, _, _ = two_disks
+    assert "virtio-blk.0: MSI-X enabled" in result.stderr, result.stderr
+
+
 def test_image_is_consistent_and_records_the_guest_mount(two_disks):
     _, root, started = two_disks
     check = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
@@ -114,8 +119,9 @@ def readonly_root(guest_kit, tmp_path_factory):
     root = d / "ro.img"
     make_ext4(root, 32, "kvmkit-ro")
     before = root.read_bytes()
-    m = machine(d / "ro.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw",
-                [(root, "readonly = true")])
+    # pci=nomsi: this boot exercises the INTx path (ISR status + level interrupt)
+    m = machine(d / "ro.toml", guest_kit["SMALL_VMLINUX"],
+                "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw pci=nomsi", [(root, "readonly = true")])
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
     return result, root, before
@@ -125,6 +131,12 @@ def test_readonly_root_falls_back_to_a_readonly_mount(readonly_root):
     result, _, _ = readonly_root
     assert result.find(r"VFS: Mounted root \(ext4 filesystem\) readonly on device"), result.describe()
     assert result.returncode == 0, result.describe()
+
+
+def test_intx_path_without_msi(readonly_root):
+    result, _, _ = readonly_root
+    assert result.find(r"\[vda\] 65536 512-byte logical blocks"), result.describe()
+    assert "MSI-X enabled" not in result.stderr
 
 
 def test_readonly_image_is_untouched(readonly_root):
