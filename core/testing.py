@@ -71,8 +71,9 @@ class FakeContext:
     ``io`` maps ``"pio"``/``"mmio"`` to the ``(base, size, handler)`` ranges the
     device registered; ``irqs`` maps GSIs to :class:`FakeIrqLine`;
     ``stop_requests`` lists the ``(reason, exit_code)`` of ``request_stop``
-    calls.  ``close()`` sets ``stopping``, joins the device's threads and
-    raises if one is still running or died with an exception.
+    calls; ``virtio`` lists the models handed to ``add_virtio``.  ``close()``
+    sets ``stopping``, joins the device's threads and raises if one is still
+    running or died with an exception.
     """
 
     def __init__(self, name: str = "test.0", *, machine_name: str = "test",
@@ -85,6 +86,7 @@ class FakeContext:
         self.io: dict[str, list[tuple[int, int, Any]]] = {PIO: [], MMIO: []}
         self.irqs: dict[int, FakeIrqLine] = {}
         self.stop_requests: list[tuple[str, int]] = []
+        self.virtio: list[Any] = []
         self.threads: list[threading.Thread] = []
         self.thread_errors: list[BaseException] = []
         self._stopping = threading.Event()
@@ -101,6 +103,11 @@ class FakeContext:
                 raise DeviceError(f"{self.name}: {space} range {base:#x}+{size:#x} overlaps "
                                   f"{other:#x}+{other_size:#x}")
         self.io[space].append((base, size, handler))
+
+    def add_virtio(self, device) -> None:
+        """Record a virtio device model (the real context puts it on a
+        virtio-pci function)."""
+        self.virtio.append(device)
 
     def irq(self, gsi: int) -> FakeIrqLine:
         if not 0 <= gsi < 24:

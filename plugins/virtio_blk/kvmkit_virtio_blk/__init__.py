@@ -1,0 +1,1 @@
+"""kvmkit device plugin: virtio-blk on raw images and block devices."""
