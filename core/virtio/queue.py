@@ -102,14 +102,12 @@ class Chain:
     head: int                          # descriptor index to return in the used ring
     readable: list[tuple[int, int]]    # (gpa, len) device-readable buffers, in order
     writable: list[tuple[int, int]]    # (gpa, len) device-writable buffers, in order
+    readable_len: int = dataclasses.field(init=False)   # total bytes of each kind
+    writable_len: int = dataclasses.field(init=False)
 
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+    def __post_init__(self) -> None:
+        self.readable_len = sum(n for _, n in self.readable)
+        self.writable_len = sum(n for _, n in self.writable)
 
     @staticmethod
     def _spans(buffers, offset: int, length: int, total: int):
@@ -144,6 +142,8 @@ class Chain:
     def read(self, mem, offset: int, n: int) -> bytes:
         """Gather ``n`` bytes of the readable buffers from ``offset`` (ValueError
         if the range runs past them)."""
+        if self.readable and 0 <= offset and offset + n <= self.readable[0][1] and n >= 0:
+            return mem.read(self.readable[0][0] + offset, n)       # the usual header read
         return b"".join(bytes(v) for v in self.readable_views(mem, offset, n))
 
     def write(self, mem, offset: int, data) -> None:
