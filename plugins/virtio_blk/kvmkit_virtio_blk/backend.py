@@ -22,6 +22,7 @@ __all__ = ["BlockBackend", "FileBackend", "open_image"]
 
 SECTOR = 512
 BLKGETSIZE64 = 0x80081272           # _IOR(0x12, 114, size_t)
+IOV_MAX = os.sysconf("SC_IOV_MAX")   # iovecs one preadv/pwritev takes
 BOUNCE_SIZE = 1 << 20               # O_DIRECT bounce buffer (and zero-fill chunk)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -300,9 +301,8 @@ class FileBackend:
     def _transfer(self, call, bufs: list[memoryview], offset: int) -> None:
         """preadv/pwritev until every byte moved (they may transfer less)."""
         remaining = sum(len(b) for b in bufs)
-        iov_max = os.sysconf("SC_IOV_MAX")
         while remaining:
-            n = call(self._fd, bufs[:iov_max], offset)
+            n = call(self._fd, bufs if len(bufs) <= IOV_MAX else bufs[:IOV_MAX], offset)
             if n == 0:
                 raise OSError(errno.EIO, f"{self.path}: short transfer at offset {offset} "
                                          "(image shrunk?)")

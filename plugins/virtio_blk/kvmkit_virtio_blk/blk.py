@@ -135,7 +135,8 @@ class VirtioBlk(VirtioDevice):
                 self.log.warning("virtio-blk: host I/O error (type %d, sector %d): %s",
                                  rtype, sector, e)
                 status, written = p.S_IOERR, 0
-        chain.write(mem, wlen - 1, bytes((status,)))
+        gpa, n = chain.writable[-1]                  # the status is the last writable byte
+        mem.write(gpa + n - 1, bytes((status,)))
         return written + 1
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
