@@ -251,6 +251,7 @@ class VirtioPciTransport:
             self.device.process(index)
         except VirtqueueError as e:
             log.warning("virtio device %d: queue %d: %s", self.device.device_id, index, e)
+            self.interrupt_if_due(index)         # requests served before the bad chain
             self.needs_reset()
             return
         self.interrupt_if_due(index)
