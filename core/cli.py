@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
+from .cli_inspect import add_commands as add_inspect_commands
 from .config import ConfigError, load_machine_file, machine_from_dict
 from .hypervisor.kvm import KvmError, KvmUnavailable
 from .machine import Machine, MachineError
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", "-d", action="append", default=[], metavar="KIND,KEY=VALUE,...",
                      help="add a device (repeatable)")
     run.set_defaults(func=cmd_run)
+    add_inspect_commands(sub, run)
     return p
 
 

@@ -1,0 +1,76 @@
+"""``kvmkit plugins`` and ``kvmkit check``: look at what is installed and at a
+machine file, never starting a VM (and never opening ``/dev/kvm``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .catalog import describe, format_key, load_installed
+from .preflight import check_machine
+
+
+def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
+    """Register the two subcommands; ``check`` takes every flag ``run`` takes."""
+    plugins = sub.add_parser(
+        "plugins", help="list the installed device kinds and their machine-file keys",
+        description="List every device kind installed (entry points in kvmkit.devices) with its "
+        "distribution, version, summary and keys.  A plugin that fails to load is listed "
+        "with its error.")
+    plugins.add_argument("kinds", nargs="*", metavar="KIND", help="only these kinds")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plugins.set_defaults(func=cmd_plugins)
+
+    check = sub.add_parser(
+        "check", parents=[run_parser], conflict_handler="resolve",
+        help="validate a machine file (and flags) without starting the VM",
+        description="Validate a machine file exactly as `kvmkit run` would (plugins, device "
+        "keys, kernel and initrd files) without starting it.  Prints one `ok:` line and "
+        "exits 0, or one error line and exits 2.")
+    check.set_defaults(func=cmd_check)
+
+
+def cmd_plugins(args) -> int:
+    entries = load_installed(args.kinds or None)
+    try:
+        return _print_plugins(entries, args.json)
+    except BrokenPipeError:                  # `kvmkit plugins | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _print_plugins(entries, as_json: bool) -> int:
+    if as_json:
+        json.dump([describe(e) for e in entries], sys.stdout, indent=2)
+        print()
+        return 0
+    if not entries:
+        print("no device plugins are installed (pip install one, e.g. ./plugins/rtc)")
+        return 0
+    for i, e in enumerate(entries):
+        if i:
+            print()
+        origin = f"{e.distribution} {e.version}" if e.distribution else e.target
+        if e.spec is None:
+            print(f"{e.kind}  ({origin})  BROKEN")
+            print(f"    {e.error}")
+            continue
+        print(f"{e.kind}  ({origin})")
+        print(f"    {e.spec.summary}")
+        for key in e.spec.keys:
+            print(f"    - {format_key(key)}")
+        if not e.spec.keys:
+            print("    (no keys)")
+    broken = [e.kind for e in entries if not e.ok]
+    if broken:
+        print(f"kvmkit: warning: {len(broken)} plugin(s) failed to load: {', '.join(broken)}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .cli import machine_config         # cli imports this module to register the commands
+    checked = check_machine(machine_config(args))
+    print(f"ok: {checked.summary()}")
+    return 0
