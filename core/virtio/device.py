@@ -67,6 +67,15 @@ class VirtioDevice:
 
     _notify_config = None
 
+    def wake(self, index: int) -> None:
+        """Ask for ``process(index)`` to run on the worker thread soon, as if the
+        driver had kicked the queue: for work that arrives from the host side
+        (a received packet).  Safe from any thread, with or without the lock."""
+        if self._wake is not None:
+            self._wake(index)
+
+    _wake = None
+
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self, queues: list, driver_features: int) -> None:
         """The driver set DRIVER_OK.  ``queues`` holds a SplitQueue (or None

@@ -94,6 +94,7 @@ class VirtioPciTransport:
         MsixCapability(self.msix, table_bar=BAR_INDEX, table_offset=MSIX_TABLE,
                        pba_bar=BAR_INDEX, pba_offset=MSIX_PBA).install(self.config)
         device._notify_config = self._config_interrupt
+        device._wake = lambda index: self.kick(index)
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------

@@ -209,3 +209,14 @@ def test_bad_queue_sizes_are_ignored(value):
     h.common(0x16, 2, 0)
     h.common(0x18, 2, value)
     assert h.common(0x18, 2) == 8
+
+
+def test_device_wake_runs_the_queue_like_a_kick():
+    h = Harness()
+    h.negotiate()
+    drv = h.setup_queue()
+    h.go()
+    out, back = h.alloc.put(b"xy"), h.alloc.alloc(2)
+    head = drv.add([(out, 2)], [(back, 2)])
+    h.dev.wake(0)                               # host-side work, no guest kick
+    assert drv.used() == [(head, 2)] and h.mem.read(back, 2) == b"yx"
