@@ -16,7 +16,8 @@ from .config import ConfigError, load_machine_file, machine_from_dict
 from .hypervisor.kvm import KvmError, KvmUnavailable
 from .machine import Machine, MachineError
 from .plugins import PluginError, installed_kinds
-from .vcpu import EXIT_ERROR, EXIT_NAMES, EXIT_USAGE
+from .plugin_api import EXIT_ERROR, EXIT_USAGE
+from .vcpu import EXIT_NAMES
 
 log = logging.getLogger("kvmkit")
 

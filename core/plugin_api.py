@@ -35,12 +35,15 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import pluggy
 
-from .virtio.device import VirtioDevice  # noqa: E402  (re-exported for device plugins)
-from .virtio.queue import Chain, SplitQueue, VirtqueueError  # noqa: E402
+if TYPE_CHECKING:                      # resolved lazily at run time, see __getattr__ below
+    from .pci.config_space import ConfigSpace
+    from .virtio.device import VirtioDevice
+    from .virtio.queue import Chain, SplitQueue, VirtqueueError
+
 
 PROJECT = "kvmkit"
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -48,11 +51,20 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 __all__ = [
     "hookimpl", "Key", "DeviceSpec", "DevicePlugin", "DeviceConfig", "Size", "REQUIRED",
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
-    "DeviceError", "PIO", "MMIO", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
+    "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
+    "EXIT_GUEST_PANIC", "ConfigSpace", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
 ]
 
 PIO = "pio"
 MMIO = "mmio"
+
+# kvmkit's exit statuses (README: "Exit status").  Devices pass these to
+# ctx.request_stop().
+EXIT_OK = 0            # guest reset, power-off or triple fault; the user quit
+EXIT_ERROR = 1         # a VMM error: KVM, a device, an instruction KVM cannot emulate
+EXIT_USAGE = 2         # bad input: machine file, flags, plugins, kernel files
+EXIT_FORCED = 3        # stopped by force: `kvmkit kill`, or a graceful stop that timed out
+EXIT_GUEST_PANIC = 4   # the guest kernel reported a panic (pvpanic)
 
 
 class DeviceError(Exception):
@@ -231,6 +243,16 @@ class DeviceContext(Protocol):
         """Put a :class:`VirtioDevice` model on the PCI bus behind the
         virtio-pci transport; the core runs its queues on a worker thread."""
 
+    def add_pci(self, config: "ConfigSpace", bars: Mapping[int, IoHandler]) -> int:
+        """Put a plain PCI function on bus 0: the core assigns its BARs in the
+        PCI hole and maps ``bars[i]`` (offsets relative to the BAR) while the
+        guest has decoding on.  Returns the device number."""
+
+    def on_shutdown_request(self, callback: Callable[[], None]) -> None:
+        """Offer a way to ask the guest to shut down by itself (Ctrl-Alt-Del,
+        a power button).  The control socket's graceful stop calls it, with
+        this device's lock held."""
+
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         """Start a daemon thread the core knows of (joined at shutdown)."""
 
@@ -273,3 +295,22 @@ def keys_doc(keys: Iterable[Key]) -> str:
         choices = f", one of {', '.join(map(str, k.choices))}" if k.choices else ""
         lines.append(f"{k.name} ({k.type_name}, {default}{choices}): {k.doc}")
     return "\n".join(lines)
+
+
+# Re-exported for device plugins, resolved on first use: these modules import
+# the core, which imports this module.
+_REEXPORTS = {
+    "ConfigSpace": "kvmkit.pci.config_space",
+    "VirtioDevice": "kvmkit.virtio.device",
+    "Chain": "kvmkit.virtio.queue",
+    "SplitQueue": "kvmkit.virtio.queue",
+    "VirtqueueError": "kvmkit.virtio.queue",
+}
+
+
+def __getattr__(name: str):
+    module = _REEXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(module), name)

@@ -20,9 +20,7 @@ from .hypervisor._kvm import lib
 
 log = logging.getLogger("kvmkit.vcpu")
 
-EXIT_OK = 0          # guest reset, power-off, triple fault, user quit
-EXIT_ERROR = 1       # VMM error, guest the VMM cannot continue
-EXIT_USAGE = 2       # bad machine file or command line
+from .plugin_api import EXIT_ERROR, EXIT_OK
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
