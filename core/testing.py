@@ -1,4 +1,5 @@
-"""Test helpers for device plugin authors (``kvmkit.testing``).
+"""Test helpers for device plugin authors (``kvmkit.testing``), and kvmkit's
+pytest plugin (entry point ``pytest11``, so installed with the core).
 
 Drive a device without a VM: create it with a :class:`FakeContext`, reach its
 registers with :func:`pio` / :func:`mmio`, and look at its interrupt lines
@@ -14,12 +15,17 @@ registers with :func:`pio` / :func:`mmio`, and look at its interrupt lines
             pio(ctx, 0x70, value=0x0E)
             pio(ctx, 0x71, value=0x42)
             assert pio(ctx, 0x71) == 0x42
+
+As a pytest plugin it brings the fixtures ``guest_memory``, ``irq_line``,
+``pio_bus``, ``mmio_bus``, ``device_context`` and ``virtqueue_driver``, and
+``pytest --kvmkit-contract``, the contract suite a plugin distribution runs
+against itself (see :mod:`kvmkit.pytest_plugin` and :mod:`kvmkit.contract`).
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pluggy
 
@@ -27,7 +33,8 @@ from . import hookspecs
 from .memory import GuestMemory
 from .plugin_api import MMIO, PIO, PROJECT, DeviceConfig, DeviceError
 
-__all__ = ["FakeIrqLine", "FakeContext", "pio", "mmio", "config", "plugin_manager"]
+__all__ = ["FakeIrqLine", "FakeContext", "pio", "mmio", "config", "plugin_manager",
+           "VirtioTestDriver", "ContractFailure", "KindContract"]
 
 
 class FakeIrqLine:
@@ -71,16 +78,22 @@ class FakeContext:
     ``io`` maps ``"pio"``/``"mmio"`` to the ``(base, size, handler)`` ranges the
     device registered; ``irqs`` maps GSIs to :class:`FakeIrqLine`;
     ``stop_requests`` lists the ``(reason, exit_code)`` of ``request_stop``
-    calls; ``virtio`` lists the models handed to ``add_virtio``.  ``close()``
+    calls; ``virtio`` lists the models handed to ``add_virtio``.  With
+    ``buses`` (``{"pio": Bus, "mmio": Bus}``, real :class:`kvmkit.bus.Bus`
+    objects) every range also goes on its bus, so tests can reach the device
+    exactly as a vCPU does; ``memory`` replaces the 1 MiB of zeroed RAM.  ``close()``
     sets ``stopping``, joins the device's threads and raises if one is still
     running or died with an exception.
     """
 
     def __init__(self, name: str = "test.0", *, machine_name: str = "test",
-                 memory_size: int = 1 << 20, join_timeout: float = 5.0):
+                 memory_size: int = 1 << 20, join_timeout: float = 5.0,
+                 memory: GuestMemory | None = None, buses: Mapping[str, Any] | None = None):
         self.name = name
         self.machine_name = machine_name
-        self.memory = GuestMemory(memory_size, backing=bytearray(memory_size))
+        self.memory = memory if memory is not None else GuestMemory(
+            memory_size, backing=bytearray(memory_size))
+        self.buses = dict(buses or {})
         self.lock = threading.RLock()
         self.log = logging.getLogger(f"kvmkit.test.{name}")
         self.io: dict[str, list[tuple[int, int, Any]]] = {PIO: [], MMIO: []}
@@ -102,6 +115,9 @@ class FakeContext:
             if base < other + other_size and other < base + size:
                 raise DeviceError(f"{self.name}: {space} range {base:#x}+{size:#x} overlaps "
                                   f"{other:#x}+{other_size:#x}")
+        bus = self.buses.get(space)
+        if bus is not None:
+            bus.add(base, size, handler, self.lock, self.name)
         self.io[space].append((base, size, handler))
 
     def add_virtio(self, device) -> None:
@@ -205,3 +221,11 @@ def plugin_manager(*plugins) -> pluggy.PluginManager:
         pm.register(plugin)
     pm.check_pending()
     return pm
+
+
+# -- the pytest plugin: fixtures, --kvmkit-contract, its hooks --------------------------
+from .contract import ContractFailure, KindContract  # noqa: E402
+from .pytest_plugin import (device_context, guest_memory, irq_line, mmio_bus,  # noqa: E402,F401
+                            pio_bus, pytest_addhooks, pytest_addoption,
+                            pytest_collection_modifyitems, pytest_configure, virtqueue_driver)
+from .virtio_test_driver import VirtioTestDriver  # noqa: E402
