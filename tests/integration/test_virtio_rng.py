@@ -1,0 +1,87 @@
+"""Third-party plugins under KVM: the example virtio-rng device feeds the guest
+kernel's random pool, and the alternative RTC (rtc-fixed) sets the guest's
+clock to its fixed start, asserted on what the guest kernel prints.
+
+The kernel is built with RANDOM_TRUST_CPU and RANDOM_TRUST_BOOTLOADER off
+(tinyconfig), so its pool is only ready ("crng init done") once enough
+entropy has been credited; virtio-rng's hwrng thread credits it within a
+second of the driver binding.  The spinning /init keeps the kernel up until
+SIGTERM stops the VM.
+"""
+import re
+import signal
+import time
+
+import pytest
+
+from guest import run_kvmkit
+
+pytestmark = pytest.mark.kvm
+
+SETTLE = 1.0                # seconds between "crng init done" and SIGTERM
+
+
+@pytest.fixture(scope="module")
+def boot(guest_kit, tmp_path_factory):
+    for module in ("kvmkit_example_virtio_rng", "kvmkit_rtc_fixed"):
+        pytest.importorskip(module)
+    d = tmp_path_factory.mktemp("rng")
+    m = d / "rng.toml"
+    m.write_text(f"""
+[machine]
+memory = "256M"
+vcpus = 1
+
+[kernel]
+image = "{guest_kit['SMALL_VMLINUX']}"
+initrd = "{guest_kit['SPIN_CPIO']}"
+cmdline = "console=ttyS0 panic=-1"
+
+[[device]]
+kind = "serial8250"
+
+[[device]]
+kind = "rtc-fixed"
+start = "2000-01-01T00:00:00Z"
+
+[[device]]
+kind = "i8042"
+
+[[device]]
+kind = "virtio-rng"
+max_bytes_per_request = 64
+""")
+
+    def stop(proc):
+        time.sleep(SETTLE)
+        proc.send_signal(signal.SIGTERM)
+
+    result = run_kvmkit(["-v", "run", str(m)], timeout=900, when=r"crng init done", then=stop)
+    print(result.describe())
+    return result
+
+
+def test_guest_finds_the_virtio_entropy_device_on_pci(boot):
+    assert boot.find(r"pci 0000:00:[0-9a-f]{2}\.0: \[1af4:1044\] type 00 class 0x00ff00"), boot.describe()
+
+
+def test_guest_random_pool_is_seeded_from_it(boot):
+    assert boot.find(r"random: crng init done"), boot.describe()
+    served = re.search(r"virtio-rng\.0: served (\d+) requests, (\d+) bytes", boot.stderr)
+    assert served and int(served.group(1)) >= 1 and int(served.group(2)) >= 32, boot.stderr
+
+
+def test_requests_are_capped_by_the_key(boot):
+    served = re.search(r"served (\d+) requests, (\d+) bytes", boot.stderr)
+    assert served and int(served.group(2)) <= 64 * int(served.group(1)), boot.stderr
+
+
+def test_alternative_rtc_gives_the_fixed_start_time(boot):
+    found = boot.find(r"setting system clock to (\S+) UTC")
+    assert found, boot.describe()
+    assert found[1].group(1).startswith("2000-01-01T00:00:"), found[1].group(0)
+
+
+def test_sigterm_ends_it(boot):
+    assert boot.returncode == 143, boot.describe()
+    assert "Traceback" not in boot.stderr
