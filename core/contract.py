@@ -18,7 +18,7 @@ Per kind:
 ``readme``  the distribution's README (its long description) names the kind
             and every key, when it ships one
 ``device``  created from example tables (or its defaults) against a
-            FakeContext it registers an I/O range or a virtio device,
+            FakeContext it registers an I/O range, a PCI function or a virtio device,
             survives a fuzz of random register reads and writes (and, for a
             virtio device, of its configuration space and of garbage rings)
             raising nothing but what it documents, and after ``close()``
@@ -305,7 +305,8 @@ class KindContract:
     # -- the device --------------------------------------------------------------------------
     def check_device(self, configs: Iterable[Mapping[str, Any]] | None, base_dir: Path, *,
                      allowed_errors: tuple[type[BaseException], ...] = (), seed: int = 0,
-                     accesses: int = FUZZ_ACCESSES, virtio_rounds: int = VIRTIO_ROUNDS) -> None:
+                     accesses: int = FUZZ_ACCESSES, virtio_rounds: int = VIRTIO_ROUNDS,
+                     thread_grace: float = THREAD_GRACE_S) -> None:
         """Create, start, fuzz and close the device once per example table in
         ``configs`` (relative paths resolve against ``base_dir``); with no
         tables, once with the defaults."""
@@ -328,7 +329,7 @@ class KindContract:
             except ConfigError as e:
                 raise ContractFailure(f"example table {n} does not validate: {e}") from None
             _DeviceRun(self, pm, config, label, allowed_errors, random.Random(seed + n),
-                       accesses, virtio_rounds).run()
+                       accesses, virtio_rounds, thread_grace).run()
 
 
 def _has_type(value: Any, t: type) -> bool:
@@ -359,12 +360,13 @@ class _DeviceRun:
     """One device's life under the contract: create, start, fuzz, close."""
 
     def __init__(self, contract: KindContract, pm, config, label: str, allowed, rng: random.Random,
-                 accesses: int, virtio_rounds: int):
+                 accesses: int, virtio_rounds: int, thread_grace: float):
         self.contract, self.pm, self.config, self.label = contract, pm, config, label
         self.allowed = tuple(allowed)
         self.rng = rng
         self.accesses = accesses
         self.virtio_rounds = virtio_rounds
+        self.thread_grace = thread_grace
 
     def fail(self, message: str, cause: BaseException | None = None) -> ContractFailure:
         error = ContractFailure(f"{self.label}: {message}")
@@ -376,7 +378,7 @@ class _DeviceRun:
         kind = self.contract.kind
         before = set(threading.enumerate())
         ctx = FakeContext(f"{kind}.0", machine_name="contract", memory_size=MEMORY_SIZE,
-                          join_timeout=THREAD_GRACE_S)
+                          join_timeout=self.thread_grace)
         try:
             device = self.pm.hook.kvmkit_create_device(kind=kind, config=self.config, ctx=ctx)
         except Exception as e:
@@ -397,9 +399,10 @@ class _DeviceRun:
         if device is None:
             raise self.fail(f"kvmkit_create_device returned None for its own kind {self.contract.kind!r}")
         ranges = ctx.io[PIO] + ctx.io[MMIO]
-        if not ranges and not ctx.virtio:
-            raise self.fail("the device registered no I/O range (ctx.add_io) and no virtio "
-                            "device (ctx.add_virtio): the guest could never reach it")
+        functions = list(getattr(ctx, "pci", ()))          # (config space, {bar: handler})
+        if not ranges and not ctx.virtio and not functions:
+            raise self.fail("the device registered no I/O range (ctx.add_io), no virtio device "
+                            "(ctx.add_virtio) and no PCI function: the guest could never reach it")
         start = getattr(device, "start", None)
         if callable(start):
             try:
@@ -409,11 +412,16 @@ class _DeviceRun:
         for space in (PIO, MMIO):
             for base, size, handler in list(ctx.io[space]):
                 self._fuzz_range(ctx, space, base, size, handler)
+        for config, bars in functions:
+            for index, handler in bars.items():
+                bar = config.bar(index)
+                self._fuzz_range(ctx, MMIO if bar.is_memory else PIO, bar.address, bar.size, handler,
+                                 f"BAR{index} ")
         for model in list(ctx.virtio):
             self._fuzz_virtio(ctx, model)
 
     # -- registers ---------------------------------------------------------------------------
-    def _fuzz_range(self, ctx, space: str, base: int, size: int, handler) -> None:
+    def _fuzz_range(self, ctx, space: str, base: int, size: int, handler, what_range: str = "") -> None:
         rng = self.rng
         widths = [w for w in ((1, 2, 4) if space == PIO else (1, 2, 4, 8)) if w <= size] or [size]
         deadline = time.monotonic() + FUZZ_SECONDS
@@ -422,8 +430,8 @@ class _DeviceRun:
             offset = rng.randrange(0, size - width + 1)
             is_write = rng.random() < 0.5
             value = rng.getrandbits(8 * width)
-            what = (f"{'write of ' + hex(value) + ' to' if is_write else 'read of'} {space} "
-                    f"{base + offset:#x} (size {width})")
+            what = (f"{'write of ' + hex(value) + ' to' if is_write else 'read of'} {what_range}"
+                    f"{space} {base + offset:#x} (size {width})")
             try:
                 with ctx.lock:
                     if is_write:
@@ -506,7 +514,7 @@ class _DeviceRun:
         except RuntimeError as e:
             cause = e.__cause__
             problems.append(f"{e}{f': {type(cause).__name__}: {cause}' if cause else ''}")
-        deadline = time.monotonic() + THREAD_GRACE_S
+        deadline = time.monotonic() + self.thread_grace
         while True:
             leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
             if not leaked or time.monotonic() > deadline:

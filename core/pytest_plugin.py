@@ -164,8 +164,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     for t in targets:
         by_dist.setdefault(t.distribution, []).append(t)
     for dist, kinds in by_dist.items():
-        collector = ContractCollector.from_parent(session, name=f"kvmkit-contract[{dist}]",
-                                                  targets=kinds)
+        name = f"kvmkit-contract[{dist}]"
+        collector = ContractCollector.from_parent(session, name=name, nodeid=name, targets=kinds)
         items.extend(collector.collect())
 
 
