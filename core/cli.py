@@ -11,8 +11,11 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
+from .cli_control import add_commands as add_control_commands
 from .cli_inspect import add_commands as add_inspect_commands
 from .config import ConfigError, load_machine_file, machine_from_dict
+from .control import ControlError, ControlServer
+from .detach import run_detached
 from .hypervisor.kvm import KvmError, KvmUnavailable
 from .machine import Machine, MachineError
 from .plugins import PluginError, installed_kinds
@@ -118,18 +121,33 @@ def _summary(machine: Machine, stop, elapsed: float) -> str:
 
 def cmd_run(args) -> int:
     config = machine_config(args)
+    if args.detach:
+        return run_detached(config.name, lambda ready: _run(config, ready))
+    return _run(config)
+
+
+def _run(config, ready=None) -> int:
+    """Build and run the machine with its control socket; ``ready()`` is
+    called once it is built (a detached parent waits for that)."""
     machine = Machine(config)
+    control = ControlServer(machine, config.name)
+    stop = None
     try:
         machine.build()
         stop_signals = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
         for signo, code in stop_signals.items():
             signal.signal(signo, lambda s, _f, c=code: machine.request_stop(
                 f"stopped by {signal.Signals(s).name}", c))
+        if ready is not None:
+            ready()
         t0 = time.monotonic()
         stop = machine.run()
         elapsed = time.monotonic() - t0
     finally:
         machine.close()
+        if stop is not None:
+            control.stopped(stop.reason, stop.code)
+        control.close()
     print(_summary(machine, stop, elapsed), file=sys.stderr, flush=True)
     return stop.code
 
@@ -157,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nested paravirtual KVM assists (default: auto-detect)")
     run.add_argument("--device", "-d", action="append", default=[], metavar="KIND,KEY=VALUE,...",
                      help="add a device (repeatable)")
+    run.add_argument("--detach", action="store_true",
+                     help="run in the background; `kvmkit console NAME` attaches to its console")
     run.set_defaults(func=cmd_run)
     add_inspect_commands(sub, run)
+    add_control_commands(sub)
     return p
 
 
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(2 if args.debug else args.verbose, args.log_file)
     try:
         return args.func(args)
-    except (ConfigError, PluginError, MachineError) as e:
+    except (ConfigError, PluginError, MachineError, ControlError) as e:
         if args.debug:
             log.exception("details")
         print(f"kvmkit: error: {e}", file=sys.stderr)

@@ -35,6 +35,15 @@ class DeviceContext:
         self._machine.virtio.append(runtime)
         return runtime
 
+    def add_pci(self, config, bars) -> int:
+        """Put a plain PCI function on bus 0 (see plugin_api.DeviceContext.add_pci)."""
+        from .pci_mapping import add_function
+        slot, _mapper = add_function(self._machine, self, config, bars)
+        return slot
+
+    def on_shutdown_request(self, callback) -> None:
+        self._machine.shutdown_handlers.append((self, callback))
+
     def spawn(self, name: str, target) -> threading.Thread:
         t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
         self.threads.append(t)

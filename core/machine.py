@@ -18,10 +18,11 @@ from .hypervisor.kvm import Kvm
 from .device_context import DeviceContext
 from .irq import Gsi, GsiRouter, IrqLine
 from .memory import GuestMemory
-from .pci import MmioAllocator, PciHost
+from .pci import IoAllocator, MmioAllocator, PciHost
+from .pci_mapping import intx_gsi
 from .plugin_api import MMIO, PIO, DeviceError
 from .plugins import PluginError, load_kinds, new_manager
-from .vcpu import EXIT_ERROR, Stop, VcpuThread
+from .vcpu import EXIT_ERROR, EXIT_NAMES, Stop, VcpuThread
 
 log = logging.getLogger("kvmkit.machine")
 
@@ -48,12 +49,18 @@ class Machine:
         self.virtio: list = []                # VirtioPciRuntime per virtio device
         self.pci = PciHost()
         self.mmio_alloc = MmioAllocator()
+        self.io_alloc = IoAllocator()
         self.router = None
         self.vcpus: list = []
         self.threads: list[VcpuThread] = []
         self.quirks = False
         self.cmdline = ""
         self.started_at = 0.0
+        self.shutdown_handlers: list = []       # (ctx, callback): graceful stop paths
+        self.running = threading.Event()        # cleared while paused
+        self.running.set()
+        self._pause_lock = threading.Lock()
+        self._pauser: threading.Thread | None = None
 
     # -- plumbing for devices --------------------------------------------------------
     def _miss(self, space, address, size, is_write, value):
@@ -73,8 +80,72 @@ class Machine:
                 self.stop = Stop(reason, code)
                 log.info("stopping: %s", reason)
             self.stopping.set()
+        self.running.set()                     # a paused machine stops too
         for t in self.threads:
             t.kick()
+
+    # -- pause, resume, graceful stop ----------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return not self.running.is_set()
+
+    def pause(self) -> None:
+        """Stop every vCPU (outside KVM_RUN) and every device thread: a thread
+        of this machine holds every device lock until resume()."""
+        with self._pause_lock:
+            if self.paused or self.stopping.is_set():
+                return
+            held = threading.Event()
+            self.running.clear()
+            for t in self.threads:
+                t.kick()
+            self._pauser = threading.Thread(target=self._hold_devices, args=(held,),
+                                            name="pause", daemon=True)
+            self._pauser.start()
+            held.wait()
+            for t in self.threads:
+                t.parked.wait(timeout=5)
+            log.info("paused")
+
+    def _hold_devices(self, held: threading.Event) -> None:
+        locks = [ctx.lock for ctx, _device in self.devices]
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        self.running.wait()                    # resume() or a stop
+        for lock in reversed(locks):
+            lock.release()
+
+    def resume(self) -> None:
+        with self._pause_lock:
+            if not self.paused:
+                return
+            self.running.set()
+            if self._pauser is not None:
+                self._pauser.join(timeout=5)
+            log.info("resumed")
+
+    def request_guest_shutdown(self) -> bool:
+        """Ask the guest to shut down by itself; False if no device can."""
+        for ctx, callback in self.shutdown_handlers:
+            with ctx.lock:
+                callback()
+            return True
+        return False
+
+    def status(self) -> dict:
+        counts = self.exit_counts()
+        return {
+            "name": self.config.name,
+            "state": "stopping" if self.stopping.is_set() else "paused" if self.paused else "running",
+            "vcpus": self.config.vcpus,
+            "memory": self.config.memory,
+            "devices": [ctx.name for ctx, _device in self.devices],
+            "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(counts.items())},
+            "exits_total": sum(counts.values()),
+            "cmdline": self.cmdline,
+        }
 
     # -- building ----------------------------------------------------------------------
     def build(self) -> None:
@@ -117,7 +188,7 @@ class Machine:
         self.cmdline = self._cmdline()
         try:
             boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus,
-                              pci_irqs=[(rt.slot, 1, rt.gsi) for rt in self.virtio])
+                              pci_irqs=[(slot, pin, intx_gsi(slot)) for slot, pin in self.pci.interrupt_pins()])
         except BootError as e:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()

@@ -100,6 +100,8 @@ class FakeContext:
         self.irqs: dict[int, FakeIrqLine] = {}
         self.stop_requests: list[tuple[str, int]] = []
         self.virtio: list[Any] = []
+        self.pci: list[tuple[Any, dict]] = []              # (ConfigSpace, {bar: handler})
+        self.shutdown_handlers: list[Callable[[], None]] = []
         self.threads: list[threading.Thread] = []
         self.thread_errors: list[BaseException] = []
         self._stopping = threading.Event()
@@ -124,6 +126,20 @@ class FakeContext:
         """Record a virtio device model (the real context puts it on a
         virtio-pci function)."""
         self.virtio.append(device)
+
+    def add_pci(self, config, bars) -> int:
+        """Record a plain PCI function; returns its (made-up) device number."""
+        self.pci.append((config, dict(bars)))
+        return len(self.pci)
+
+    def on_shutdown_request(self, callback: Callable[[], None]) -> None:
+        self.shutdown_handlers.append(callback)
+
+    def request_shutdown(self) -> None:
+        """Play the control socket's graceful stop (with the device lock)."""
+        for callback in self.shutdown_handlers:
+            with self.lock:
+                callback()
 
     def irq(self, gsi: int) -> FakeIrqLine:
         if not 0 <= gsi < 24:

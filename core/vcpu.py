@@ -103,6 +103,7 @@ class VcpuThread(threading.Thread):
         self.vcpu = vcpu
         self.machine = machine
         self.exits: collections.Counter = collections.Counter()
+        self.parked = threading.Event()     # set while this vCPU waits out a pause
 
     def kick(self) -> None:
         """Make KVM_RUN return now (and at once the next time it is called)."""
@@ -120,10 +121,16 @@ class VcpuThread(threading.Thread):
         vcpu = self.vcpu
         exits = self.exits
         pio, mmio, quirks, memory = m.pio, m.mmio, m.quirks, m.memory
-        stopping = m.stopping
+        stopping, running = m.stopping, m.running
         log.debug("vcpu%d: first KVM_RUN", vcpu.index)
         try:
             while not stopping.is_set():
+                if not running.is_set():       # paused: park outside KVM_RUN
+                    self.parked.set()
+                    running.wait()
+                    self.parked.clear()
+                    vcpu.run.immediate_exit = 0
+                    continue
                 r = vcpu.run_once()
                 if r < 0:
                     if r == -errno.EINTR:

@@ -13,13 +13,11 @@ import logging
 import os
 import select
 
-from ..bus import BusConflict
 from ..irq import MsiVector
-from .pci_transport import BAR_INDEX, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER, VirtioPciTransport
+from ..pci_mapping import add_function, intx_gsi
+from .pci_transport import BAR_INDEX, NOTIFY, NOTIFY_MULTIPLIER, VirtioPciTransport
 
 log = logging.getLogger("kvmkit.virtio")
-
-PCI_INTX_GSIS = tuple(range(16, 24))     # IOAPIC pins above the ISA ones, shared round-robin
 
 
 class VirtioPciRuntime:
@@ -35,37 +33,12 @@ class VirtioPciRuntime:
                                             on_vector_change=self._route,
                                             on_msix_control=self._msix_control)
         self.vectors = [MsiVector(machine.router) for _ in range(self.transport.vectors)]
-        config = self.config = self.transport.config
-        self.lock = ctx.lock                              # the PCI host holds it for config accesses
-        self.slot = machine.pci.add(self)
-        self.gsi = PCI_INTX_GSIS[self.slot % len(PCI_INTX_GSIS)]
-        config.poke(0x3C, bytes([self.gsi]))              # interrupt line, as firmware would
-        self.line = ctx.irq(self.gsi)
-        machine.mmio_alloc.assign_bars(config)
-        self.mapped: int | None = None
-        config.on_change = lambda _event: self._remap()
+        self.slot, self.bars = add_function(
+            machine, ctx, self.transport.config, {BAR_INDEX: self.transport},
+            on_map=lambda _index, base: self._ioeventfds(base),
+            on_unmap=lambda _index, base: self._ioeventfds(base, deassign=True))
+        self.line = ctx.irq(intx_gsi(self.slot))
         self.worker = None
-
-    # -- the BAR ---------------------------------------------------------------------------
-    def _remap(self) -> None:
-        """Follow the guest's BAR address and memory-decode bit."""
-        config = self.transport.config
-        want = config.bar_address(BAR_INDEX) if config.memory_enabled else None
-        if want == self.mapped:
-            return
-        if self.mapped is not None:
-            self.machine.mmio.remove(self.mapped, self.ctx.name)
-            self._ioeventfds(self.mapped, deassign=True)
-            self.mapped = None
-        if want is None:
-            return
-        try:
-            self.machine.mmio.add(want, BAR_SIZE, self.transport, self.ctx.lock, self.ctx.name)
-        except BusConflict as e:
-            log.warning("%s: BAR not mapped: %s", self.ctx.name, e)
-            return
-        self.mapped = want
-        self._ioeventfds(want)
 
     def _ioeventfds(self, base: int, deassign: bool = False) -> None:
         for i, fd in enumerate(self.queue_fds):
@@ -122,8 +95,7 @@ class VirtioPciRuntime:
         if self.worker is not None:
             self.worker.join(timeout=5)
         with self.ctx.lock:
-            if self.mapped is not None:
-                self._ioeventfds(self.mapped, deassign=True)
+            self.bars.unmap_all()
             self.transport.reset()
         for v in self.vectors:
             v.close()

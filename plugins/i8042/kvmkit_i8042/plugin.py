@@ -41,6 +41,10 @@ class _StatusPort:
         self._c.write_command(value & 0xFF)
 
 
+# Scan code set 1: Ctrl, Alt, Delete (extended) pressed, then released in reverse.
+CTRL_ALT_DEL = bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
+
+
 class KeyboardController:
     def __init__(self, config: DeviceConfig, ctx: DeviceContext):
         self._ctx = ctx
@@ -48,6 +52,11 @@ class KeyboardController:
                                 reset=lambda: ctx.request_stop("guest reset (i8042)", 0))
         ctx.add_io(PIO, DATA_PORT, 1, _DataPort(self.controller))
         ctx.add_io(PIO, STATUS_PORT, 1, _StatusPort(self.controller))
+        ctx.on_shutdown_request(self.ctrl_alt_del)
+
+    def ctrl_alt_del(self) -> None:
+        """The graceful stop: Linux restarts on Ctrl-Alt-Del (or tells init)."""
+        self.send_key(CTRL_ALT_DEL)
 
     def send_key(self, scancodes: bytes) -> bool:
         """Type a key event into the guest (from any thread)."""

@@ -80,3 +80,17 @@ def test_installed_entry_point_loads_this_plugin():
         pytest.skip("kvmkit-i8042 is not installed")
     [ep] = [e for e in importlib.metadata.entry_points(group="kvmkit.devices") if e.name == "i8042"]
     assert ep.load() is plugin
+
+
+def test_graceful_stop_types_ctrl_alt_del():
+    from kvmkit_i8042.plugin import CTRL_ALT_DEL
+    with FakeContext() as ctx:
+        create(ctx)
+        pio(ctx, 0x64, value=0x60)          # write the command byte: keyboard interrupt on
+        pio(ctx, 0x60, value=0x01)
+        ctx.request_shutdown()
+        typed = []
+        while pio(ctx, 0x64) & 0x01:        # output buffer full
+            typed.append(pio(ctx, 0x60))
+        assert bytes(typed) == CTRL_ALT_DEL
+        assert ctx.irqs[1].history.count(True) >= 1

@@ -1,0 +1,104 @@
+"""`kvmkit list|status|pause|resume|stop|kill|console`: talk to running VMs."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .console import attach
+from .control import ControlError, request, running_vms
+
+
+def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
+    reply = request(name, cmd, wait_s, **args)
+    if not reply.get("ok"):
+        raise ControlError(f"{name}: {reply.get('error', 'the VM refused the request')}")
+    return reply["result"]
+
+
+def _describe(s: dict) -> str:
+    return (f"{s['name']}: {s['state']}, {s['vcpus']} vCPU(s), {s['memory'] >> 20} MiB, "
+            f"up {s['uptime']:.0f} s, {s['exits_total']} exits")
+
+
+def cmd_list(args) -> int:
+    names = running_vms()
+    if args.json:
+        print(json.dumps([_answer(n, "status") for n in names]))
+        return 0
+    if not names:
+        print("no VMs are running")
+    for name in names:
+        print(_describe(_answer(name, "status")))
+    return 0
+
+
+def cmd_status(args) -> int:
+    s = _answer(args.name, "status")
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(_describe(s))
+    print(f"  devices: {', '.join(s['devices']) or 'none'}")
+    print("  exits: " + (", ".join(f"{k} {v}" for k, v in s["exits"].items()) or "none"))
+    return 0
+
+
+def cmd_pause(args) -> int:
+    print(_describe(_answer(args.name, "pause")))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    print(_describe(_answer(args.name, "resume")))
+    return 0
+
+
+def _wait(name: str) -> int:
+    final = _answer(name, "wait", None)
+    print(f"kvmkit: {name}: {final['reason']} (exit status {final['exit_code']})")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    result = _answer(args.name, "stop", 10, timeout=args.timeout)
+    if not result.get("graceful"):
+        print(f"kvmkit: {args.name}: no device can ask the guest to shut down; stopping it by force",
+              file=sys.stderr)
+    return _wait(args.name) if args.wait else 0
+
+
+def cmd_kill(args) -> int:
+    _answer(args.name, "kill")
+    return _wait(args.name) if args.wait else 0
+
+
+def cmd_console(args) -> int:
+    return attach(args.name)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("list", help="list running VMs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("status", help="a running VM's state, devices and exit counts")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    for name, func, text in (("pause", cmd_pause, "pause every vCPU and device thread"),
+                             ("resume", cmd_resume, "resume a paused VM")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    p = sub.add_parser("stop", help="ask the guest to shut down (Ctrl-Alt-Del); force after a timeout")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before forcing (30)")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("kill", help="stop a VM now")
+    p.add_argument("name")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
+    p.set_defaults(func=cmd_kill)
+    p = sub.add_parser("console", help="attach to a detached VM's console (Ctrl-] detaches)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_console)
+

@@ -1,0 +1,217 @@
+"""The control socket of a running VM: JSON lines over a UNIX socket.
+
+Each running VM listens on ``<runtime dir>/<name>.sock`` (owner-only).
+A request is one JSON object per line, ``{"cmd": "status"}``; the answer is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+
+    status                  state, vCPUs, memory, devices, uptime, exit counts
+    pause / resume          every vCPU and every device thread
+    stop [timeout]          ask the guest to shut down (Ctrl-Alt-Del, power
+                            button); forced after ``timeout`` seconds (30)
+    kill                    stop now
+    wait                    answer once the VM has stopped: its reason and status
+
+The runtime directory is ``$XDG_RUNTIME_DIR/kvmkit``, else
+``/tmp/kvmkit-<uid>``, created with mode 0700.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+from .plugin_api import EXIT_FORCED
+
+log = logging.getLogger("kvmkit.control")
+
+DEFAULT_STOP_TIMEOUT = 30.0
+
+
+class ControlError(Exception):
+    """The control socket cannot be used (the message says why)."""
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "kvmkit" if base else Path(f"/tmp/kvmkit-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ControlError(f"{path} is not a private directory of this user: remove it or "
+                           "set XDG_RUNTIME_DIR")
+    return path
+
+
+def socket_path(name: str) -> Path:
+    return runtime_dir() / f"{name}.sock"
+
+
+def console_path(name: str) -> Path:
+    return runtime_dir() / f"{name}.console"
+
+
+def _alive(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def listen(path: Path, what: str) -> socket.socket:
+    """A listening UNIX socket at ``path`` (owner-only); a stale one is replaced."""
+    if path.exists() or path.is_symlink():
+        if _alive(path):
+            raise ControlError(f"a VM named {path.stem!r} is already running ({what} {path}); "
+                               "give this one another name (--name) or stop that one")
+        path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(4)
+    return s
+
+
+def request(name: str, cmd: str, wait_s: float | None = 10, **args) -> dict:
+    """Send one request to VM ``name`` and return its answer (``wait_s``:
+    how long to wait for it; None waits as long as it takes)."""
+    path = socket_path(name)
+    if not path.exists():
+        raise ControlError(f"no VM named {name!r} is running (see kvmkit list)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(wait_s)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        path.unlink(missing_ok=True)
+        raise ControlError(f"no VM named {name!r} is running (removed its stale socket)") from None
+    with s, s.makefile("rwb") as f:
+        f.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        f.flush()
+        line = f.readline()
+    if not line:
+        raise ControlError(f"VM {name!r} closed the control connection without answering")
+    return json.loads(line)
+
+
+def running_vms() -> list[str]:
+    """Names of the VMs with a live control socket; stale sockets are removed."""
+    names = []
+    for path in sorted(runtime_dir().glob("*.sock")):
+        if _alive(path):
+            names.append(path.stem)
+        else:
+            path.unlink(missing_ok=True)
+            console_path(path.stem).unlink(missing_ok=True)
+    return names
+
+
+class ControlServer:
+    def __init__(self, machine, name: str):
+        self.machine = machine
+        self.path = socket_path(name)
+        self.sock = listen(self.path, "control socket")
+        self._closed = threading.Event()
+        self._stopped = threading.Event()
+        self.final: dict | None = None
+        self._waiters = 0
+        self._waiters_lock = threading.Condition()
+        self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self.thread.start()
+
+    # -- serving -----------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                        raise ValueError('a request is a JSON object with "cmd"')
+                    answer = {"ok": True, "result": self.handle(req)}
+                except (ValueError, ControlError) as e:
+                    answer = {"ok": False, "error": str(e)}
+                try:
+                    f.write(json.dumps(answer).encode() + b"\n")
+                    f.flush()
+                except OSError:
+                    return
+                finally:
+                    if isinstance(req, dict) and req.get("cmd") == "wait":
+                        with self._waiters_lock:
+                            self._waiters -= 1
+                            self._waiters_lock.notify_all()
+
+    def handle(self, req: dict):
+        m = self.machine
+        cmd = req["cmd"]
+        if cmd == "status":
+            return m.status()
+        if cmd == "pause":
+            m.pause()
+            return m.status()
+        if cmd == "resume":
+            m.resume()
+            return m.status()
+        if cmd == "kill":
+            m.request_stop("killed through the control socket", EXIT_FORCED)
+            return {"stopping": True}
+        if cmd == "stop":
+            timeout = float(req.get("timeout", DEFAULT_STOP_TIMEOUT))
+            return self._graceful_stop(timeout)
+        if cmd == "wait":
+            with self._waiters_lock:
+                self._waiters += 1
+            self._stopped.wait()
+            return self.final
+        raise ValueError(f"unknown command {cmd!r} (status, pause, resume, stop, kill, wait)")
+
+    def _graceful_stop(self, timeout: float) -> dict:
+        m = self.machine
+        m.resume()
+        if not m.request_guest_shutdown():
+            m.request_stop("forced stop: no device can ask the guest to shut down", EXIT_FORCED)
+            return {"graceful": False}
+
+        def force_later():
+            if not m.stopping.wait(timeout):
+                m.request_stop(f"forced stop: the guest did not shut down within {timeout:g} s",
+                               EXIT_FORCED)
+
+        threading.Thread(target=force_later, name="stop-timeout", daemon=True).start()
+        return {"graceful": True, "timeout": timeout}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def stopped(self, reason: str, code: int) -> None:
+        """The VM has stopped: answer the waiters."""
+        self.final = {"reason": reason, "exit_code": code}
+        self._stopped.set()
+
+    def close(self) -> None:
+        with self._waiters_lock:               # let "wait" answers go out first
+            self._waiters_lock.wait_for(lambda: self._waiters <= 0, timeout=2)
+        self._closed.set()
+        try:
+            self.sock.close()
+        finally:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""kvmkit's pvpanic device plugin."""
