@@ -12,7 +12,7 @@ import time
 
 from .boot import BootError, load_linux
 from .bus import Bus, BusConflict
-from .config import MachineConfig, validate_device
+from .config import MachineConfig
 from .hypervisor import cpu_setup, host_quirks
 from .hypervisor.kvm import Kvm
 from .device_context import DeviceContext
@@ -21,7 +21,8 @@ from .memory import GuestMemory
 from .pci import IoAllocator, MmioAllocator, PciHost
 from .pci_mapping import intx_gsi
 from .plugin_api import MMIO, PIO, DeviceError
-from .plugins import PluginError, load_kinds, new_manager
+from .plugins import PluginError, new_manager
+from .preflight import check_machine
 from .vcpu import EXIT_ERROR, EXIT_NAMES, Stop, VcpuThread
 
 log = logging.getLogger("kvmkit.machine")
@@ -150,9 +151,7 @@ class Machine:
     # -- building ----------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.config
-        loaded = load_kinds(self.pm, [d.kind for d in cfg.devices])
-        device_configs = [validate_device(t, loaded[t.kind].spec) for t in cfg.devices]
-        self._check_kernel_files()
+        device_configs = check_machine(cfg, self.pm).devices     # what `kvmkit check` checks
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
@@ -196,22 +195,6 @@ class Machine:
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
             cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
-
-    def _check_kernel_files(self) -> None:
-        k = self.config.kernel
-        where = str(self.config.source or "command line")
-        for key, path in (("image", k.image), ("initrd", k.initrd)):
-            if path is None:
-                continue
-            if not path.exists():
-                raise MachineError(f"{where}: [kernel] {key}: {path} not found")
-            if not path.is_file():
-                raise MachineError(f"{where}: [kernel] {key}: {path} is not a file")
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as e:
-                raise MachineError(f"{where}: [kernel] {key}: cannot read {path}: {e.strerror}") from None
 
     def _cmdline(self) -> str:
         words = self.config.kernel.cmdline.split()

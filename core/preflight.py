@@ -41,10 +41,11 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_machine(config: MachineConfig) -> CheckedMachine:
+def check_machine(config: MachineConfig, pm=None) -> CheckedMachine:
     """Raise :class:`ConfigError` or :class:`~kvmkit.plugins.PluginError`
-    (one line, naming the file and key) at the first problem."""
-    loaded = load_kinds(new_manager(), [d.kind for d in config.devices])
+    (one line, naming the file and key) at the first problem.  ``pm``: the
+    plugin manager to register the plugins with (``kvmkit run`` passes its own)."""
+    loaded = load_kinds(pm or new_manager(), [d.kind for d in config.devices])
     devices = tuple(validate_device(t, loaded[t.kind].spec) for t in config.devices)
     where = str(config.source or "command line")
     kernel = config.kernel
