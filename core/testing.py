@@ -241,7 +241,14 @@ def plugin_manager(*plugins) -> pluggy.PluginManager:
 
 # -- the pytest plugin: fixtures, --kvmkit-contract, its hooks --------------------------
 from .contract import ContractFailure, KindContract  # noqa: E402
-from .pytest_plugin import (device_context, guest_memory, irq_line, mmio_bus,  # noqa: E402,F401
-                            pio_bus, pytest_addhooks, pytest_addoption,
-                            pytest_collection_modifyitems, pytest_configure, virtqueue_driver)
 from .virtio_test_driver import VirtioTestDriver  # noqa: E402
+
+try:                                    # the helpers above work without pytest too
+    import pytest as _pytest  # noqa: F401
+except ImportError:                     # pragma: no cover - only where pytest is absent
+    pass
+else:
+    from .pytest_plugin import (device_context, guest_memory, irq_line,  # noqa: E402,F401
+                                mmio_bus, pio_bus, pytest_addhooks, pytest_addoption,
+                                pytest_collection_modifyitems, pytest_configure,
+                                virtqueue_driver)
