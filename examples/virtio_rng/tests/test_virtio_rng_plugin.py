@@ -1,5 +1,6 @@
 """The virtio-rng plugin's wiring, through kvmkit.testing's device_context."""
 import importlib.metadata
+import logging
 import tomllib
 from pathlib import Path
 
@@ -40,12 +41,21 @@ def test_other_kinds_are_not_ours(device_context):
     assert plugin.kvmkit_create_device(kind="virtio-blk", config=config(SPEC), ctx=device_context) is None
 
 
-def test_close_logs_what_it_served(device_context, virtqueue_driver, caplog):
+def test_close_logs_what_it_served(device_context, virtqueue_driver):
     dev = create(device_context)
+    assert dev.log is device_context.log                  # the device logs under its instance name
     virtqueue_driver(dev).request(0, writable=[10])
-    with caplog.at_level("INFO"):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dev.log.addHandler(handler)
+    old_level, dev.log.level = dev.log.level, logging.INFO
+    try:
         dev.close()
-    assert "served 1 requests, 10 bytes" in caplog.text
+    finally:
+        dev.log.removeHandler(handler)
+        dev.log.level = old_level
+    assert [r.getMessage() for r in records] == ["served 1 requests, 10 bytes"]
 
 
 def test_readme_documents_every_key():
