@@ -122,3 +122,17 @@ def format_key(key: Key) -> str:
         high = "" if key.max is None else str(key.max)
         parts.append(f"range {low}..{high}")
     return f"{key.name} ({', '.join(parts)}): {key.doc or '(undocumented)'}"
+
+
+def markdown_table(spec: DeviceSpec) -> str:
+    """The kind's keys as the Markdown table plugin READMEs carry."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key in spec.keys:
+        default = format_default(key).removeprefix("default ")
+        if not key.required and key.default is not None:
+            value, _, rest = default.partition(" (")
+            default = f"`{value}`" + (f" ({rest}" if rest else "")
+        choices = f" (one of {', '.join(f'`{toml_value(c)}`' for c in key.choices)})" if key.choices else ""
+        doc = key.doc.replace("|", "\\|")
+        rows.append(f"| `{key.name}` | {key.type_name} | {default} | {doc}{choices} |")
+    return "\n".join(rows)

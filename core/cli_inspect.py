@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .catalog import describe, format_key, load_installed
+from .catalog import describe, format_key, load_installed, markdown_table
 from .preflight import check_machine
 
 
@@ -19,7 +19,10 @@ def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
         "distribution, version, summary and keys.  A plugin that fails to load is listed "
         "with its error.")
     plugins.add_argument("kinds", nargs="*", metavar="KIND", help="only these kinds")
-    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    output = plugins.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of text")
+    output.add_argument("--markdown", action="store_true",
+                        help="print each kind's keys as the Markdown table of a plugin README")
     plugins.set_defaults(func=cmd_plugins)
 
     check = sub.add_parser(
@@ -34,16 +37,21 @@ def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
 def cmd_plugins(args) -> int:
     entries = load_installed(args.kinds or None)
     try:
-        return _print_plugins(entries, args.json)
+        return _print_plugins(entries, args.json, args.markdown)
     except BrokenPipeError:                  # `kvmkit plugins | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
-def _print_plugins(entries, as_json: bool) -> int:
+def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
     if as_json:
         json.dump([describe(e) for e in entries], sys.stdout, indent=2)
         print()
+        return 0
+    if as_markdown:
+        for i, e in enumerate(entries):
+            print(("\n" if i else "") + f"### `{e.kind}`\n")
+            print(markdown_table(e.spec) if e.spec is not None else f"(broken: {e.error})")
         return 0
     if not entries:
         print("no device plugins are installed (pip install one, e.g. ./plugins/rtc)")

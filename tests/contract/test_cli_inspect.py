@@ -209,3 +209,20 @@ def test_check_as_a_command(machine):
                        text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout == "ok: box: 2 vCPUs, 512M memory, ELF vmlinux kernel, devices: rtc\n"
+
+
+def test_plugins_markdown_is_a_readme_key_table(capsys):
+    code, out, _ = run(capsys, "plugins", "--markdown", "rtc")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:4] == ["### `rtc`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    assert lines[4] == "| `port` | int | `112` (0x70) | index port; the data port follows it |"
+    assert len(lines) == 4 + 3
+
+
+def test_plugins_markdown_marks_required_keys_and_choices(capsys):
+    if "virtio-blk" not in installed_kinds():
+        pytest.skip("kvmkit-virtio-blk is not installed")
+    _, out, _ = run(capsys, "plugins", "--markdown", "virtio-blk")
+    assert "| `path` | path | required |" in out
+    assert "(one of `writeback`, `none`) |" in out
