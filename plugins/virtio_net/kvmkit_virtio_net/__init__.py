@@ -1,0 +1,1 @@
+"""kvmkit device plugin: the ``virtio-net`` kind (user-mode networking or a tap)."""

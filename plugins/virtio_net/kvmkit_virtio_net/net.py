@@ -1,0 +1,395 @@
+"""The virtio-net device model (virtio 1.2, section 5.1).
+
+A state machine between the guest's queues and a backend (user-mode
+networking or a tap, :mod:`kvmkit_virtio_net.backends`):
+
+``transmit`` (queue 1)  every chain the driver makes available is one frame
+                        behind a 12-byte header; it is checked against the
+                        negotiated features and handed to the backend.
+``receive`` (queue 0)   the backend's frames wait in a bounded queue (any
+                        thread may add to it) until ``process(0)`` copies
+                        them into the driver's receive buffers, several per
+                        frame with VIRTIO_NET_F_MRG_RXBUF.
+``control`` (queue 2)   VIRTIO_NET_CTRL_MAC_ADDR_SET; anything else is
+                        answered VIRTIO_NET_ERR.
+
+Frames are never cut short.  A frame larger than the other side accepts
+(the MTU, or 64 KiB with GSO, or the driver's buffer without mergeable
+buffers) is dropped and counted; so are frames with headers that ask for an
+offload nobody negotiated.  The first drop of each kind is logged;
+:attr:`VirtioNet.stats` holds the counters.
+
+The device never filters by destination address (it offers no
+VIRTIO_NET_F_CTRL_RX): it delivers what the backend gives it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+from kvmkit.plugin_api import VirtioDevice
+
+from . import protocol as p
+from .checksum import complete_checksum
+from .mac import format_mac
+from .used import push_together
+
+__all__ = ["VirtioNet", "QUEUE_SIZES", "PENDING_LIMIT", "STAT_NAMES"]
+
+QUEUE_SIZES = (256, 256, 64)        # rx, tx, ctrl
+PENDING_LIMIT = 256                 # frames from the backend waiting for receive buffers
+
+STAT_NAMES = (
+    "rx_frames", "rx_bytes", "tx_frames", "tx_bytes",
+    "rx_oversize",      # larger than the guest takes (MTU, 64 KiB, its buffer)
+    "rx_dropped",       # the guest had no room: the pending queue was full
+    "rx_errors",        # a header from the backend with an offload the guest did not negotiate
+    "tx_oversize",      # larger than the MTU (or 64 KiB with GSO)
+    "tx_errors",        # a malformed frame or header, or the backend failed to send it
+)
+
+_WHY = {
+    "rx_oversize": "a frame from the host larger than the guest accepts was dropped",
+    "rx_dropped": "a frame from the host was dropped: the guest had no receive buffers",
+    "rx_errors": "a frame from the host with an offload the guest did not negotiate was dropped",
+    "tx_oversize": "a frame from the guest larger than the MTU allows was dropped",
+    "tx_errors": "a frame from the guest was dropped",
+}
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio network device on ``backend`` with Ethernet address ``mac``
+    (6 bytes) and ``mtu``."""
+
+    device_id = 1
+    pci_class = 0x020000            # network controller, Ethernet
+    queue_sizes = QUEUE_SIZES
+
+    BASE_FEATURES = p.bits(p.F_MAC, p.F_MTU, p.F_STATUS, p.F_MRG_RXBUF, p.F_CTRL_VQ,
+                           p.F_CTRL_MAC_ADDR)
+
+    def __init__(self, backend, *, mac: bytes, mtu: int = 1500,
+                 log: logging.Logger | None = None, name: str = "virtio-net"):
+        super().__init__()
+        if len(mac) != 6:
+            raise ValueError("a MAC address has 6 bytes")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu} is not in 68-65535")
+        self.backend = backend
+        self.name = name
+        self.log = log or logging.getLogger(__name__)
+        self.default_mac = bytes(mac)
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.features = self.BASE_FEATURES | (backend.offloads & p.OFFLOADS)
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self._logged: set[str] = set()
+        self._pending: collections.deque = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._producer_waiting = False
+        self._held: list = []                   # receive chains popped but not used yet
+        self._plain_limit = p.max_plain_frame(mtu)
+        self._mergeable = False
+        backend.attach(self)
+
+    # -- VirtioDevice ---------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        return p.config_bytes(self.mac, p.S_LINK_UP, self.mtu)
+
+    def activate(self, queues: list, driver_features: int) -> None:
+        super().activate(queues, driver_features)
+        self._held = []
+        self._mergeable = self.negotiated(p.F_MRG_RXBUF)
+        self.backend.configure(driver_features)
+        if self.pending():
+            self.wake(p.RX)
+
+    def reset(self) -> None:
+        super().reset()
+        self._held = []
+        self.mac = self.default_mac
+        self._mergeable = False
+        with self._pending_lock:
+            self._pending.clear()
+        self.backend.configure(0)
+        self._space_freed()
+
+    def process(self, index: int) -> None:
+        queue = self.queues[index] if 0 <= index < len(self.queues) else None
+        if queue is None:
+            return
+        if index == p.RX:
+            self._receive(queue)
+        elif index == p.TX:
+            self._transmit(queue)
+        elif index == p.CTRL:
+            self._control(queue)
+
+    def start(self) -> None:
+        self.backend.start()
+
+    def close(self) -> None:
+        self.backend.close()
+        dropped = {k: v for k, v in self.stats.items()
+                   if v and k not in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes")}
+        if dropped:
+            self.log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in dropped.items()))
+
+    # -- counters -------------------------------------------------------------------------
+    def count(self, stat: str, detail: str = "") -> None:
+        """Count one event; the first of each kind is logged with ``detail``."""
+        self.stats[stat] += 1
+        if stat in _WHY and stat not in self._logged:
+            self._logged.add(stat)
+            self.log.warning("%s: %s%s; further ones are only counted (%s)", self.name,
+                             _WHY[stat], f" ({detail})" if detail else "", stat)
+
+    # -- frames from the host (any thread) ------------------------------------------------
+    def deliver(self, item: bytes) -> bool:
+        """Queue one frame for the guest: ``item`` is a 12-byte virtio-net
+        header followed by the Ethernet frame.  False (and nothing queued) if
+        PENDING_LIMIT frames already wait; the caller decides whether that is
+        a drop (``count("rx_dropped")``) or back-pressure (wait for
+        ``backend.space_freed``)."""
+        with self._pending_lock:
+            if len(self._pending) >= PENDING_LIMIT:
+                self._producer_waiting = True
+                return False
+            was_empty = not self._pending
+            self._pending.append(item)
+        if was_empty:
+            self.wake(p.RX)
+        return True
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def has_room(self) -> bool:
+        """Whether :meth:`deliver` would take a frame now; if not, the backend
+        hears ``space_freed()`` once frames have gone to the guest."""
+        with self._pending_lock:
+            if len(self._pending) < PENDING_LIMIT:
+                return True
+            self._producer_waiting = True
+            return False
+
+    def _space_freed(self) -> None:
+        with self._pending_lock:
+            if not self._producer_waiting or len(self._pending) > PENDING_LIMIT // 2:
+                return
+            self._producer_waiting = False
+        self.backend.space_freed()
+
+    # -- receive -------------------------------------------------------------------------
+    def _receive(self, queue) -> None:
+        mem = queue.memory
+        try:
+            while True:
+                with self._pending_lock:
+                    item = self._pending[0] if self._pending else None
+                if item is None:
+                    return
+                if not self._receive_one(queue, mem, item):
+                    return                               # no receive buffers: wait for a kick
+                with self._pending_lock:
+                    self._pending.popleft()
+        finally:
+            self._space_freed()
+
+    def _rx_header(self, item) -> tuple[p.NetHeader, bytes | bytearray] | None:
+        """The header the guest gets for ``item`` and the frame, or None if the
+        frame must be dropped (counted)."""
+        frame = memoryview(item)[p.HDR_SIZE:]
+        size = len(frame)
+        if len(item) < p.HDR_SIZE or size < p.MIN_FRAME:
+            self.count("rx_errors", f"runt frame of {max(size, 0)} bytes")
+            return None
+        hdr = p.NetHeader.unpack(item)
+        guest_csum = self.negotiated(p.F_GUEST_CSUM)
+        if hdr.gso:
+            need = p.GUEST_GSO_FEATURE.get(hdr.gso)
+            if (need is None or not self.negotiated(need) or not hdr.needs_csum
+                    or (hdr.gso_type & p.GSO_ECN and not self.negotiated(p.F_GUEST_ECN))):
+                self.count("rx_errors", f"GSO type {hdr.gso_type:#x}")
+                return None
+        elif hdr.gso_type:
+            self.count("rx_errors", f"GSO type {hdr.gso_type:#x}")
+            return None
+        # 5.1.6.3.2: no frame without GSO above the MTU (plus the link-level header)
+        limit = p.MAX_GSO_FRAME if hdr.gso else self._plain_limit
+        if size > limit:
+            self.count("rx_oversize", f"{size} bytes, limit {limit}")
+            return None
+        flags = hdr.flags & (p.HDR_F_NEEDS_CSUM | p.HDR_F_DATA_VALID)
+        if flags & p.HDR_F_NEEDS_CSUM:
+            if hdr.csum_start + hdr.csum_offset + 2 > size:
+                self.count("rx_errors", "checksum field outside the frame")
+                return None
+            if not guest_csum:                          # finish it here
+                frame = bytearray(frame)
+                complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
+                flags = 0
+        if self.backend.rx_checksums_valid:
+            flags |= p.HDR_F_DATA_VALID
+        if not guest_csum:
+            flags = 0
+        if flags & p.HDR_F_NEEDS_CSUM:
+            flags &= ~p.HDR_F_DATA_VALID
+        return hdr.replace(flags=flags), frame
+
+    def _receive_one(self, queue, mem, item) -> bool:
+        """Copy one pending frame into receive buffers; False if the guest
+        has not posted enough of them (the frame stays pending)."""
+        parsed = self._rx_header(item)
+        if parsed is None:
+            return True                                  # dropped, counted
+        hdr, frame = parsed
+        need = p.HDR_SIZE + len(frame)
+        held = self._held
+        if self._mergeable:
+            have = sum(c.writable_len for c in held)
+            while have < need:
+                if len(held) >= queue.size:
+                    self.count("rx_oversize", f"{len(frame)} bytes do not fit the whole ring")
+                    return True
+                chain = queue.pop()
+                if chain is None:
+                    return False
+                if chain.writable_len == 0:
+                    queue.push(chain.head, 0)            # nothing to write into: hand it back
+                    continue
+                held.append(chain)
+                have += chain.writable_len
+            used, total = [], 0
+            for chain in held:
+                used.append(chain)
+                total += chain.writable_len
+                if total >= need:
+                    break
+        else:
+            if not held:
+                chain = queue.pop()
+                if chain is None:
+                    return False
+                held.append(chain)
+            if held[0].writable_len < need:
+                self.count("rx_oversize", f"{len(frame)} bytes, the driver's buffer holds "
+                           f"{held[0].writable_len - p.HDR_SIZE}")
+                return True                              # the buffer waits for the next frame
+            used = held[:1]
+        header = hdr.replace(num_buffers=len(used)).pack()
+        push_together(queue, self._scatter(mem, used, header, frame))
+        del held[:len(used)]
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += len(frame)
+        return True
+
+    @staticmethod
+    def _scatter(mem, chains, header: bytes, frame) -> list[tuple[int, int]]:
+        """Write ``header`` + ``frame`` through ``chains`` in order, each filled
+        before the next; the used elements ``(head, bytes written)``."""
+        pieces = [memoryview(header), memoryview(frame)]
+        piece, offset = 0, 0
+        used = []
+        for chain in chains:
+            written = 0
+            for view in chain.writable_views(mem):
+                pos = 0
+                while pos < len(view) and piece < len(pieces):
+                    src = pieces[piece]
+                    n = min(len(view) - pos, len(src) - offset)
+                    view[pos:pos + n] = src[offset:offset + n]
+                    pos += n
+                    offset += n
+                    if offset == len(src):
+                        piece, offset = piece + 1, 0
+                written += pos
+                if piece == len(pieces):
+                    break
+            used.append((chain.head, written))
+        return used
+
+    # -- transmit --------------------------------------------------------------------------
+    def _transmit(self, queue) -> None:
+        mem = queue.memory
+        while True:
+            queue.disable_notifications()
+            while (chain := queue.pop()) is not None:
+                self._send(mem, chain)
+                queue.push(chain.head, 0)
+            if not queue.enable_notifications():
+                return
+
+    def _tx_problem(self, hdr: p.NetHeader, size: int) -> str | None:
+        """Why a frame with this header cannot go out (None: it can)."""
+        if hdr.needs_csum:
+            if not self.negotiated(p.F_CSUM):
+                return "partial checksum without VIRTIO_NET_F_CSUM"
+            if hdr.csum_start + hdr.csum_offset + 2 > size:
+                return f"checksum field {hdr.csum_start}+{hdr.csum_offset} outside the frame"
+        if hdr.gso:
+            need = p.HOST_GSO_FEATURE.get(hdr.gso)
+            if need is None or not self.negotiated(need):
+                return f"GSO type {hdr.gso_type:#x} not negotiated"
+            if hdr.gso_type & p.GSO_ECN and not self.negotiated(p.F_HOST_ECN):
+                return "GSO with ECN without VIRTIO_NET_F_HOST_ECN"
+            if not hdr.needs_csum or hdr.gso_size == 0:
+                return "GSO frame without a partial checksum or a segment size"
+        elif hdr.gso_type:
+            return f"unknown GSO type {hdr.gso_type:#x}"
+        return None
+
+    def _send(self, mem, chain) -> None:
+        size = chain.readable_len - p.HDR_SIZE
+        if size < p.MIN_FRAME:
+            self.count("tx_errors", f"runt frame of {max(size, 0)} bytes")
+            return
+        hdr = p.NetHeader.unpack(chain.read(mem, 0, p.HDR_SIZE))
+        problem = self._tx_problem(hdr, size)
+        if problem:
+            self.count("tx_errors", problem)
+            return
+        limit = p.MAX_GSO_FRAME if hdr.gso else self._plain_limit
+        if size > limit:
+            self.count("tx_oversize", f"{size} bytes, limit {limit}")
+            return
+        try:
+            self.backend.transmit(hdr.replace(num_buffers=0),
+                                  chain.readable_views(mem, p.HDR_SIZE, size), size)
+        except OSError as e:
+            self.count("tx_errors", f"the backend could not send it: {e.strerror or e}")
+            return
+        self.stats["tx_frames"] += 1
+        self.stats["tx_bytes"] += size
+
+    # -- control --------------------------------------------------------------------------
+    def _control(self, queue) -> None:
+        mem = queue.memory
+        while (chain := queue.pop()) is not None:
+            ack = self._command(mem, chain)
+            if chain.writable_len:
+                gpa, _ = chain.writable[0]
+                mem.write(gpa, bytes((ack,)))
+                queue.push(chain.head, 1)
+            else:
+                queue.push(chain.head, 0)
+
+    def _command(self, mem, chain) -> int:
+        if chain.readable_len < p.CTRL_HDR.size:
+            return p.CTRL_ERR
+        cls, cmd = p.CTRL_HDR.unpack(chain.read(mem, 0, p.CTRL_HDR.size))
+        data_len = chain.readable_len - p.CTRL_HDR.size
+        if (cls, cmd) == (p.CTRL_MAC, p.CTRL_MAC_ADDR_SET) and self.negotiated(p.F_CTRL_MAC_ADDR):
+            if data_len != 6:
+                return p.CTRL_ERR
+            mac = chain.read(mem, p.CTRL_HDR.size, 6)
+            if mac[0] & 1:
+                return p.CTRL_ERR                        # multicast: not an address to own
+            self.mac = bytes(mac)
+            self.log.info("%s: the guest set its MAC address to %s", self.name, format_mac(self.mac))
+            return p.CTRL_OK
+        return p.CTRL_ERR
+
+    def __repr__(self) -> str:
+        return f"VirtioNet({self.backend!r}, mac={format_mac(self.mac)}, mtu={self.mtu})"

@@ -1,0 +1,110 @@
+"""kvmkit plugin: the ``virtio-net`` device kind."""
+from __future__ import annotations
+
+from kvmkit.plugin_api import DeviceConfig, DeviceContext, DeviceError, DevicePlugin, DeviceSpec, Key
+
+from .forward import parse_forwards
+from .mac import default_mac, format_mac, parse_mac
+from .net import VirtioNet
+
+KIND = "virtio-net"
+
+SPEC = DeviceSpec(
+    kind=KIND,
+    summary="virtio network device on user-mode networking (libslirp) or a tap",
+    keys=(
+        Key("backend", str, "user",
+            "\"user\": user-mode networking through libslirp, no privileges (the guest gets "
+            "10.0.2.15 by DHCP, gateway and host 10.0.2.2, DNS 10.0.2.3); \"tap\": the tap "
+            "device named by ifname",
+            choices=("user", "tap")),
+        Key("mac", str, None,
+            "the guest's Ethernet address, e.g. \"52:54:00:12:34:56\"; default: a locally "
+            "administered address derived from the machine name and the device's instance, "
+            "the same on every run"),
+        Key("mtu", int, 1500, "MTU the guest is told (VIRTIO_NET_F_MTU); larger frames are "
+            "dropped and counted", min=68, max=65535),
+        Key("ifname", str, None, "tap only, required there: the tap device to use"),
+        Key("create", bool, False,
+            "tap only: create the tap if it does not exist (needs CAP_NET_ADMIN; kvmkit sets "
+            "its MTU, brings it up, and the tap disappears when kvmkit exits)"),
+        Key("forward", list, [],
+            "user only: host-to-guest port forwards, each \"PROTO:[HOSTADDR]:HOSTPORT-"
+            "[GUESTADDR]:GUESTPORT\" (e.g. \"tcp:127.0.0.1:2222-:22\"); an empty HOSTADDR is "
+            "127.0.0.1, an empty GUESTADDR the guest's DHCP address"),
+    ),
+)
+
+
+def _check_keys(config: DeviceConfig) -> None:
+    backend = config["backend"]
+    if backend == "user":
+        for key in ("ifname", "create"):
+            if config[key] not in (None, False):
+                raise DeviceError(f"{key} is only for backend = \"tap\"; remove it or set "
+                                  "backend = \"tap\"")
+    else:
+        if config["forward"]:
+            raise DeviceError("forward is only for backend = \"user\" (a tap has no port "
+                              "forwards: the guest is on the tap's network)")
+        if not config["ifname"]:
+            raise DeviceError("backend = \"tap\" needs ifname = \"NAME\", the tap device to use")
+
+
+def make_backend(config: DeviceConfig, ctx: DeviceContext):
+    """The backend the table asks for; DeviceError if it cannot be had."""
+    if config["backend"] == "user":
+        from .backends import UserBackend
+        from .slirp import MTU_MAX, SlirpError
+        try:
+            forwards = parse_forwards(config["forward"])
+        except ValueError as e:
+            raise DeviceError(str(e)) from None
+        if config["mtu"] > MTU_MAX:
+            raise DeviceError(f"mtu {config['mtu']} is above what user-mode networking "
+                              f"supports ({MTU_MAX})")
+        try:
+            return UserBackend(spawn=ctx.spawn, log=ctx.log, mtu=config["mtu"],
+                               forwards=forwards, hostname=ctx.machine_name)
+        except SlirpError as e:
+            raise DeviceError(str(e)) from None
+    from .backends import TapBackend
+    from .tap import TapError, open_tap
+    try:
+        tap = open_tap(config["ifname"], create=config["create"], mtu=config["mtu"])
+    except TapError as e:
+        raise DeviceError(str(e)) from None
+    try:
+        host_mtu = tap.mtu()
+        if host_mtu is not None and host_mtu > config["mtu"]:
+            ctx.log.warning("%s: tap %s has MTU %d but the guest is told %d: larger frames from "
+                            "the host are dropped (set mtu = %d)", ctx.name, tap.ifname, host_mtu,
+                            config["mtu"], host_mtu)
+        return TapBackend(tap, spawn=ctx.spawn, log=ctx.log)
+    except BaseException:
+        tap.close()
+        raise
+
+
+def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioNet:
+    """Open the backend, build the model and hand it to the virtio transport."""
+    _check_keys(config)
+    if config["mac"] is None:
+        mac = default_mac(ctx.machine_name, ctx.name)
+    else:
+        try:
+            mac = parse_mac(config["mac"])
+        except ValueError as e:
+            raise DeviceError(f"mac: {e}") from None
+    backend = make_backend(config, ctx)
+    try:
+        model = VirtioNet(backend, mac=mac, mtu=config["mtu"], log=ctx.log, name=ctx.name)
+        ctx.add_virtio(model)
+    except BaseException:
+        backend.close()
+        raise
+    ctx.log.info("%s: %s, MAC %s, MTU %d", ctx.name, backend, format_mac(mac), config["mtu"])
+    return model
+
+
+plugin = DevicePlugin(SPEC, factory)
