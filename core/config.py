@@ -47,9 +47,10 @@ class MachineConfig:
     devices: tuple[DeviceTable, ...] = ()
     host_quirks: str = "auto"
     source: Path | None = None
+    acpi: bool = True               # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) besides the MP table
 
 
-MACHINE_KEYS = {"name", "memory", "vcpus", "host_quirks"}
+MACHINE_KEYS = {"name", "memory", "vcpus", "host_quirks", "acpi"}
 KERNEL_KEYS = {"image", "initrd", "cmdline"}
 TOP_KEYS = {"machine", "kernel", "device"}
 
@@ -113,6 +114,9 @@ def machine_from_dict(data: Mapping, *, source: Path | None, base_dir: Path,
     quirks = machine.get("host_quirks", "auto")
     if quirks not in HOST_QUIRKS:
         raise _err(f"{label}: [machine] host_quirks", f"expected one of {', '.join(HOST_QUIRKS)}")
+    acpi = machine.get("acpi", True)
+    if not isinstance(acpi, bool):
+        raise _err(f"{label}: [machine] acpi", f"expected true or false, got {acpi!r}")
 
     kernel = data.get("kernel")
     if not isinstance(kernel, dict) or "image" not in kernel:
@@ -138,7 +142,7 @@ def machine_from_dict(data: Mapping, *, source: Path | None, base_dir: Path,
             raise _err(where, "missing 'kind' (the device plugin's name, see `kvmkit plugins`)")
         devices.append(DeviceTable(kind, {k: v for k, v in table.items() if k != "kind"},
                                    f"{where} ({kind})", base_dir))
-    return MachineConfig(name, memory, vcpus, kernel_cfg, tuple(devices), quirks, source)
+    return MachineConfig(name, memory, vcpus, kernel_cfg, tuple(devices), quirks, source, acpi)
 
 
 def load_machine(path: Path) -> MachineConfig:

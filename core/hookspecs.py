@@ -32,6 +32,15 @@ def kvmkit_create_device(kind, config, ctx):
     Raise :class:`~kvmkit.plugin_api.DeviceError` for a configuration the
     host cannot honour (a missing file, a busy socket): its message is shown
     to the user as it is.
+
+    ACPI: a device that the guest should find through ACPI gives the object
+    an ``acpi_node(aml) -> bytes`` method.  When the machine has ACPI (the
+    default; ``acpi = false`` in ``[machine]`` turns it off) the core calls
+    it once after every device exists, with the core's AML encoder
+    (``kvmkit.acpi.aml``: ``device``, ``name``, ``eisaid``,
+    ``resource_template``, ``io``, ``irq_no_flags``, ``interrupt`` ...), and
+    puts the returned AML (normally one ``Device``) into the DSDT's ``\\_SB``
+    scope.  The serial8250 plugin returns a PNP0501 node, rtc a PNP0B00.
     """
 
 

@@ -9,8 +9,10 @@ import logging
 import signal
 import threading
 import time
+import types
 
-from .boot import BootError, load_linux
+from .acpi import aml, dsdt as acpi_dsdt, firmware as acpi_firmware, platform as acpi_platform
+from .boot import BootError, load_linux, layout as boot_layout
 from .bus import Bus, BusConflict
 from .config import MachineConfig
 from .hypervisor import cpu_setup, host_quirks
@@ -29,6 +31,7 @@ log = logging.getLogger("kvmkit.machine")
 
 TSS_ADDR = 0xFFFB_D000               # three pages KVM needs on Intel, in the hole below 4 GiB
 IDENTITY_MAP_ADDR = 0xFFFB_C000
+ACPI_GED_GSI = 9                     # the power button's interrupt (edge, active high; ISA IRQ 9 is free)
 
 
 class MachineError(Exception):
@@ -49,6 +52,7 @@ class Machine:
         self.devices: list[tuple[DeviceContext, object]] = []
         self.virtio: list = []                # VirtioPciRuntime per virtio device
         self.pci = PciHost()
+        self.acpi = None                      # AcpiPlatform when the machine has ACPI
         self.mmio_alloc = MmioAllocator()
         self.io_alloc = IoAllocator()
         self.router = None
@@ -127,10 +131,15 @@ class Machine:
             log.info("resumed")
 
     def request_guest_shutdown(self) -> bool:
-        """Ask the guest to shut down by itself; False if no device can."""
+        """Ask the guest to shut down by itself; False if no device can.
+
+        Handlers are tried in order; one that returns False (it cannot reach
+        the guest now, e.g. the ACPI power button of a guest without ACPI)
+        passes the request on to the next."""
         for ctx, callback in self.shutdown_handlers:
             with ctx.lock:
-                callback()
+                if callback() is False:
+                    continue
             return True
         return False
 
@@ -185,9 +194,11 @@ class Machine:
 
         self.quirks = host_quirks.resolve(cfg.host_quirks)
         self.cmdline = self._cmdline()
+        pci_irqs = [(slot, pin, intx_gsi(slot)) for slot, pin in self.pci.interrupt_pins()]
+        rsdp_addr = self._install_acpi(pci_irqs) if cfg.acpi else 0
         try:
             boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus,
-                              pci_irqs=[(slot, pin, intx_gsi(slot)) for slot, pin in self.pci.interrupt_pins()])
+                              acpi_rsdp_addr=rsdp_addr, pci_irqs=pci_irqs)
         except BootError as e:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()
@@ -195,6 +206,57 @@ class Machine:
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
             cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
+
+    # -- ACPI ----------------------------------------------------------------------------
+    def _acpi_nodes(self) -> list[bytes]:
+        """AML from each device that describes itself (``device.acpi_node(aml)``)."""
+        nodes = []
+        for ctx, device in self.devices:
+            describe = getattr(device, "acpi_node", None)
+            if describe is None:
+                continue
+            try:
+                node = describe(aml)
+            except Exception as e:
+                raise MachineError(f"{ctx.name}: its ACPI node failed: {type(e).__name__}: {e}") from e
+            if not isinstance(node, (bytes, bytearray)):
+                raise MachineError(f"{ctx.name}: acpi_node() returned {type(node).__name__}, not AML bytes")
+            nodes.append(bytes(node))
+        return nodes
+
+    def _install_acpi(self, pci_irqs) -> int:
+        """Write the ACPI tables, wire their registers and the power button; the RSDP's address."""
+        lock = threading.RLock()
+        self.acpi = acpi_platform.AcpiPlatform(self.request_stop)
+        self.pio.add(acpi_platform.BASE, acpi_platform.SIZE, self.acpi, lock, "acpi")
+        ged = self.irq(ACPI_GED_GSI)
+        ram_top = max(r.gpa + r.size for r in self.memory.regions)
+        pci = acpi_dsdt.PciLayout(io_windows=((0, 0xCF7), (0xD00, 0xFFFF)),
+                                  mmio32=(self.mmio_alloc.start, self.mmio_alloc.end - 1),
+                                  mmio64=acpi_dsdt.high_window(ram_top), intx=tuple(pci_irqs))
+        try:
+            t = acpi_firmware.build(boot_layout.BIOS_START, boot_layout.HIGH_MEMORY_START,
+                                    vcpus=self.config.vcpus, lapic_addr=boot_layout.LAPIC_ADDR,
+                                    ioapic_addr=boot_layout.IOAPIC_ADDR, pci=pci,
+                                    power=acpi_platform.registers(), ged_gsi=ACPI_GED_GSI,
+                                    ospm_port=acpi_platform.BASE + acpi_platform.OSPM,
+                                    device_nodes=self._acpi_nodes())
+        except acpi_firmware.AcpiLayoutError as e:
+            raise MachineError(f"{e}; set acpi = false in [machine] or describe fewer devices") from None
+        self.memory.write(t.base, t.blob)
+        platform = self.acpi
+
+        def press_power_button():
+            if not platform.ospm_ready:
+                return False                   # no ACPI in the guest: let the next handler try
+            log.info("pressing the ACPI power button")
+            ged.pulse()
+            return True
+
+        # Tried before every device's handler (the i8042's Ctrl-Alt-Del).
+        self.shutdown_handlers.insert(0, (types.SimpleNamespace(lock=lock), press_power_button))
+        log.debug("ACPI tables at %#x-%#x, RSDP at %#x", t.base, t.base + len(t.blob), t.rsdp_addr)
+        return t.rsdp_addr
 
     def _cmdline(self) -> str:
         words = self.config.kernel.cmdline.split()

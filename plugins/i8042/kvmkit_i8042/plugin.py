@@ -53,6 +53,16 @@ class KeyboardController:
         ctx.add_io(PIO, DATA_PORT, 1, _DataPort(self.controller))
         ctx.add_io(PIO, STATUS_PORT, 1, _StatusPort(self.controller))
         ctx.on_shutdown_request(self.ctrl_alt_del)
+        self.irq = config["irq"]
+
+    def acpi_node(self, aml) -> bytes:
+        """The keyboard as a PNP0303 device in the guest's DSDT, so that an ACPI
+        guest finds the controller (its ports, the keyboard IRQ)."""
+        irq = aml.irq_no_flags(self.irq) if self.irq < 16 else aml.interrupt(self.irq, edge=True)
+        return aml.device("PS2K",
+                          aml.name("_HID", aml.eisaid("PNP0303")),
+                          aml.name("_CRS", aml.resource_template(aml.io(DATA_PORT, 1), aml.io(STATUS_PORT, 1),
+                                                                 irq)))
 
     def ctrl_alt_del(self) -> None:
         """The graceful stop: Linux restarts on Ctrl-Alt-Del (or tells init)."""

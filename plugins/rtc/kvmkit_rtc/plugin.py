@@ -37,6 +37,14 @@ class RtcDevice:
         self.rtc = Rtc(ctx.irq(config["irq"]), clock, offset=config["utc_offset"],
                        on_reschedule=self._wake.set)
         ctx.add_io(PIO, config["port"], 2, self.rtc)
+        self.port, self.irq = config["port"], config["irq"]
+
+    def acpi_node(self, aml) -> bytes:
+        """The clock as a PNP0B00 device in the guest's DSDT (its two ports, its IRQ)."""
+        irq = aml.irq_no_flags(self.irq) if self.irq < 16 else aml.interrupt(self.irq, edge=True)
+        return aml.device("RTC_" if self.port == 0x70 else f"R{self.port & 0xFFF:03X}",
+                          aml.name("_HID", aml.eisaid("PNP0B00")),
+                          aml.name("_CRS", aml.resource_template(aml.io(self.port, 2), irq)))
 
     def start(self) -> None:
         self._thread = self._ctx.spawn("timer", self._run)

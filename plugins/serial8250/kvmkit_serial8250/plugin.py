@@ -10,6 +10,7 @@ from .uart import Uart16550
 
 KIND = "serial8250"
 STANDARD_IRQS = {0x3F8: 4, 0x2F8: 3, 0x3E8: 4, 0x2E8: 3}
+STANDARD_UIDS = {0x3F8: 0, 0x2F8: 1, 0x3E8: 2, 0x2E8: 3}     # COM1-COM4; other ports use the port
 PORT_COUNT = 8
 INPUT_LIMIT = 4096          # host bytes held for a guest that is not reading
 
@@ -76,6 +77,16 @@ class SerialPort:
     def feed(self, data: bytes) -> None:
         with self._ctx.lock:
             self.uart.feed(data)
+
+    # -- ACPI ----------------------------------------------------------------------------
+    def acpi_node(self, aml) -> bytes:
+        """The port as a PNP0501 device in the guest's DSDT (its ports, its IRQ)."""
+        uid = STANDARD_UIDS.get(self.port, self.port)
+        irq = aml.irq_no_flags(self.irq) if self.irq < 16 else aml.interrupt(self.irq, edge=True)
+        return aml.device(f"S{self.port & 0xFFF:03X}",
+                          aml.name("_HID", aml.eisaid("PNP0501")),
+                          aml.name("_UID", uid),
+                          aml.name("_CRS", aml.resource_template(aml.io(self.port, PORT_COUNT), irq)))
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
