@@ -31,7 +31,7 @@ log = logging.getLogger("kvmkit.machine")
 
 TSS_ADDR = 0xFFFB_D000               # three pages KVM needs on Intel, in the hole below 4 GiB
 IDENTITY_MAP_ADDR = 0xFFFB_C000
-ACPI_GED_GSI = 9                     # the power button's interrupt (edge, active high; ISA IRQ 9 is free)
+ACPI_GED_GSI = 10                    # the power button's interrupt (edge, active high; ISA IRQ 10 is free; 9 is the SCI)
 
 
 class MachineError(Exception):

@@ -42,11 +42,14 @@ def build(base: int, limit: int, *, vcpus: int, lapic_addr: int, ioapic_addr: in
     """All tables for a machine, laid out from ``base`` (the RSDP) up to ``limit``."""
     dsdt_table = tables.dsdt(dsdt.build(pci, ged_gsi=ged_gsi, ospm_port=ospm_port,
                                         device_nodes=device_nodes))
+    # The SCI is level-triggered; say active high, as KVM's IOAPIC takes level 1 as asserted.
+    sci = Override(irq=power.sci_irq, gsi=power.sci_irq, flags=tables.INTI_LEVEL_HIGH)
     madt = tables.madt(vcpus, lapic_addr, ioapic_id=vcpus, ioapic_addr=ioapic_addr,
-                       overrides=(TIMER_OVERRIDE,))
+                       overrides=(TIMER_OVERRIDE, sci))
     xsdt_addr = base + _align(tables.RSDP_SIZE)
     xsdt_size = tables.HEADER_SIZE + 8 * 2
-    fadt_addr = xsdt_addr + _align(xsdt_size)
+    facs_addr = -(-(xsdt_addr + xsdt_size) // 64) * 64
+    fadt_addr = facs_addr + _align(tables.FACS_SIZE)
     madt_addr = fadt_addr + _align(tables.FADT_SIZE)
     dsdt_addr = madt_addr + _align(len(madt))
     end = dsdt_addr + len(dsdt_table)
@@ -55,7 +58,8 @@ def build(base: int, limit: int, *, vcpus: int, lapic_addr: int, ioapic_addr: in
                               f"only {limit - base} are reserved")
     placed = {b"RSDP": (base, tables.rsdp(xsdt_addr)),
               b"XSDT": (xsdt_addr, tables.xsdt([fadt_addr, madt_addr])),
-              b"FACP": (fadt_addr, tables.fadt(dsdt_addr, power)),
+              b"FACS": (facs_addr, tables.facs()),
+              b"FACP": (fadt_addr, tables.fadt(dsdt_addr, facs_addr, power)),
               b"APIC": (madt_addr, madt),
               b"DSDT": (dsdt_addr, dsdt_table)}
     blob = bytearray(end - base)

@@ -1,61 +1,76 @@
 """The ACPI platform registers (I/O space): what the FADT and the DSDT point at.
 
-    base + 0  sleep control (FADT SLEEP_CONTROL_REG): SLP_TYP bits 2-4, SLP_EN bit 5
-    base + 1  sleep status (FADT SLEEP_STATUS_REG): reads 0 (the VM never wakes)
-    base + 2  reset (FADT RESET_REG): RESET_VALUE resets, i.e. ends, the VM
-    base + 3  kvmkit's own: the DSDT's GED writes 1 from _INI (the guest runs
-              ACPI) and 2 from _EVT (it took a power-button event)
+    base + 0x0  PM1_STS (16 bits, write 1 to clear): no fixed events are raised
+    base + 0x2  PM1_EN (16 bits)
+    base + 0x4  PM1_CNT (16 bits): SCI_EN reads 1 (always in ACPI mode);
+                SLP_TYP bits 10-12 with SLP_EN bit 13 enters a sleep state
+    base + 0x6  reset (FADT RESET_REG): RESET_VALUE resets, i.e. ends, the VM
+    base + 0x7  kvmkit's own: the DSDT's GED writes 1 from _INI (the guest runs
+                ACPI) and 2 from _EVT (it took a power-button event)
+    base + 0x8  PM_TMR (32 bits): a free-running 3.579545 MHz counter
 
-A pure state machine: ``stop(reason, code)`` is the machine's request_stop.
+A small state machine: ``stop(reason, code)`` is the machine's request_stop,
+``clock`` a monotonic clock in seconds.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from .dsdt import EVENT_TAKEN, OSPM_READY, S5_SLP_TYP
 from .tables import PowerRegisters
 
 BASE = 0x600
-SIZE = 4
-SLEEP_CONTROL, SLEEP_STATUS, RESET, OSPM = range(4)
+SIZE = 12
+PM1_STS, PM1_EN, PM1_CNT, RESET, OSPM, PM_TMR = 0x0, 0x2, 0x4, 0x6, 0x7, 0x8
 RESET_VALUE = 0x01
-SLP_EN = 1 << 5
-SLP_TYP_SHIFT, SLP_TYP_MASK = 2, 0x7
+SCI_IRQ = 9
+SCI_EN = 1 << 0
+SLP_EN = 1 << 13
+SLP_TYP_SHIFT, SLP_TYP_MASK = 10, 0x7
+PM_TIMER_HZ = 3_579_545
 
 log = logging.getLogger("kvmkit.acpi")
 
 
 def registers(base: int = BASE) -> PowerRegisters:
-    return PowerRegisters(sleep_control=base + SLEEP_CONTROL, sleep_status=base + SLEEP_STATUS,
-                          reset=base + RESET, reset_value=RESET_VALUE)
+    return PowerRegisters(pm1a_event=base + PM1_STS, pm1a_control=base + PM1_CNT,
+                          pm_timer=base + PM_TMR, reset=base + RESET, reset_value=RESET_VALUE,
+                          sci_irq=SCI_IRQ)
 
 
 class AcpiPlatform:
-    def __init__(self, stop: Callable[[str, int], None]):
+    def __init__(self, stop: Callable[[str, int], None], clock: Callable[[], float] = time.monotonic):
         self._stop = stop
+        self._clock = clock
+        self._t0 = clock()
+        self.pm1_enable = 0
         self.ospm_ready = False          # the guest's ACPI ran the GED's _INI
         self.events_taken = 0
 
     def read(self, offset: int, size: int) -> int:
-        if offset == OSPM:
-            return int(self.ospm_ready)
-        return 0
+        if PM_TMR <= offset < PM_TMR + 4:
+            ticks = int((self._clock() - self._t0) * PM_TIMER_HZ) & 0xFFFF_FFFF
+            return (ticks >> (8 * (offset - PM_TMR))) & ((1 << (8 * size)) - 1)
+        value = {PM1_EN: self.pm1_enable, PM1_CNT: SCI_EN, OSPM: int(self.ospm_ready)}.get(offset, 0)
+        return value & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
-        if offset == SLEEP_CONTROL and value & SLP_EN:
+        if offset == PM1_EN:
+            self.pm1_enable = value & 0xFFFF
+        elif offset == PM1_CNT and value & SLP_EN:
             slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK
             if slp_typ == S5_SLP_TYP:
                 self._stop("guest power-off", 0)
             else:
                 log.warning("guest asked for sleep type %d; only S5 (power-off) is offered", slp_typ)
-        elif offset == RESET and value == RESET_VALUE:
+        elif offset == RESET and value & 0xFF == RESET_VALUE:
             self._stop("guest reset (ACPI)", 0)
         elif offset == OSPM:
-            if value == OSPM_READY and not self.ospm_ready:
+            if value & 0xFF == OSPM_READY and not self.ospm_ready:
                 self.ospm_ready = True
                 log.info("the guest runs ACPI: the power button is the graceful stop")
-            elif value == EVENT_TAKEN:
+            elif value & 0xFF == EVENT_TAKEN:
                 self.events_taken += 1
                 log.info("the guest took the power-button event")

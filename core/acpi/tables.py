@@ -1,5 +1,5 @@
 """ACPI system description tables (ACPI 6.x, section 5.2): the header and its
-checksum, RSDP, XSDT, FADT, MADT, and a DSDT wrapper for AML."""
+checksum, RSDP, XSDT, FADT, FACS, MADT, and a DSDT wrapper for AML."""
 from __future__ import annotations
 
 import struct
@@ -22,6 +22,7 @@ DSDT_REVISION = 2            # 2: AML integers are 64 bits
 FADT_WBINVD = 1 << 0
 FADT_PWR_BUTTON = 1 << 4     # set: the power button is a control-method device, not fixed
 FADT_SLP_BUTTON = 1 << 5     # set: no fixed sleep button
+FADT_TMR_VAL_EXT = 1 << 8    # the PM timer counts 32 bits
 FADT_RESET_REG_SUP = 1 << 10
 FADT_HW_REDUCED_ACPI = 1 << 20
 # IA-PC boot architecture flags (table 5.11)
@@ -30,7 +31,9 @@ BOOT_VGA_NOT_PRESENT = 1 << 2
 
 # Generic Address Structure (5.2.3.2)
 SPACE_SYSTEM_MEMORY, SPACE_SYSTEM_IO = 0, 1
-ACCESS_BYTE = 1
+ACCESS_BYTE, ACCESS_WORD, ACCESS_DWORD = 1, 2, 3
+# Interrupt source override flags (MPS INTI): active high (1), level-triggered (3 << 2)
+INTI_LEVEL_HIGH = 0x000D
 
 # MADT entries (5.2.12)
 MADT_PCAT_COMPAT = 1
@@ -83,34 +86,61 @@ NO_GAS = bytes(12)
 
 @dataclass(frozen=True)
 class PowerRegisters:
-    """Where the platform's I/O-space power registers are (see platform.py)."""
-    sleep_control: int
-    sleep_status: int
+    """Where the platform's fixed ACPI registers are, all in I/O space (see platform.py)."""
+    pm1a_event: int              # PM1_STS (2 bytes) then PM1_EN (2 bytes)
+    pm1a_control: int            # PM1_CNT (2 bytes)
+    pm_timer: int                # PM_TMR (4 bytes, 32-bit counter at 3.579545 MHz)
     reset: int
     reset_value: int
+    sci_irq: int
 
 
-def fadt(dsdt_addr: int, regs: PowerRegisters) -> bytes:
-    """Fixed ACPI Description Table, revision 6, hardware-reduced (5.2.9).
+FACS_SIZE = 64
 
-    Hardware-reduced: no PM1 blocks, no SCI, no GPEs; power-off through the
-    sleep control/status registers, reset through the reset register."""
+
+def facs() -> bytes:
+    """Firmware ACPI Control Structure (5.2.10), version 2: no waking vector,
+    no global lock owner.  It has no checksum."""
+    return struct.pack("<4sIIIIIQB3xI24x", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0, 2, 0)
+
+
+def fadt(dsdt_addr: int, facs_addr: int, regs: PowerRegisters) -> bytes:
+    """Fixed ACPI Description Table, revision 6 (5.2.9).
+
+    Not hardware-reduced: Linux keeps the PIT and the PICs that KVM provides
+    (hardware-reduced x86 Linux drops both).  PM1a event/control blocks and a
+    32-bit PM timer in I/O space, the SCI on ``sci_irq``, no SMI command port
+    (the machine is always in ACPI mode), no GPE blocks; reset through the
+    reset register.  The power button is a control-method device (the DSDT's
+    GED), not the fixed one."""
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
-    put(40, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)          # DSDT
+    def put_gas(offset: int, data: bytes) -> None:
+        body[offset - HEADER_SIZE:offset - HEADER_SIZE + 12] = data
+
+    put(36, "<I", facs_addr)                                         # FIRMWARE_CTRL
+    put(40, "<I", dsdt_addr)                                         # DSDT
+    put(46, "<H", regs.sci_irq)                                      # SCI_INT
+    put(56, "<I", regs.pm1a_event)                                   # PM1a_EVT_BLK
+    put(64, "<I", regs.pm1a_control)                                 # PM1a_CNT_BLK
+    put(76, "<I", regs.pm_timer)                                     # PM_TMR_BLK
+    put(88, "<BBBB", 4, 2, 0, 4)                                     # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
+    put(96, "<HH", 101, 1001)                                        # P_LVL2/3_LAT: C2/C3 not supported
     put(109, "<H", BOOT_LEGACY_DEVICES | BOOT_VGA_NOT_PRESENT)      # IAPC_BOOT_ARCH
     put(112, "<I", FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
-        | FADT_HW_REDUCED_ACPI)
-    body[116 - HEADER_SIZE:128 - HEADER_SIZE] = gas(SPACE_SYSTEM_IO, regs.reset)   # RESET_REG
+        | FADT_TMR_VAL_EXT)
+    put_gas(116, gas(SPACE_SYSTEM_IO, regs.reset))                   # RESET_REG
     put(128, "<B", regs.reset_value)                                 # RESET_VALUE
     put(131, "<B", FADT_MINOR)
+    put(132, "<Q", facs_addr)                                        # X_FIRMWARE_CTRL
     put(140, "<Q", dsdt_addr)                                        # X_DSDT
-    body[244 - HEADER_SIZE:256 - HEADER_SIZE] = gas(SPACE_SYSTEM_IO, regs.sleep_control)
-    body[256 - HEADER_SIZE:268 - HEADER_SIZE] = gas(SPACE_SYSTEM_IO, regs.sleep_status)
-    put(268, "<8s", b"KVMKIT\0\0")                                   # hypervisor vendor identity
+    put_gas(148, gas(SPACE_SYSTEM_IO, regs.pm1a_event, 32, ACCESS_WORD))
+    put_gas(172, gas(SPACE_SYSTEM_IO, regs.pm1a_control, 16, ACCESS_WORD))
+    put_gas(208, gas(SPACE_SYSTEM_IO, regs.pm_timer, 32, ACCESS_DWORD))
+    put(268, "<8s", b"KVMKIT\0\0")                                  # hypervisor vendor identity
     return table(b"FACP", FADT_REVISION, bytes(body))
 
 

@@ -28,7 +28,7 @@ def device_nodes():
 
 def build(vcpus=2, nodes=None):
     return firmware.build(BASE, LIMIT, vcpus=vcpus, lapic_addr=0xFEE0_0000, ioapic_addr=0xFEC0_0000,
-                          pci=PCI, power=platform.registers(), ged_gsi=9,
+                          pci=PCI, power=platform.registers(), ged_gsi=10,
                           ospm_port=platform.BASE + platform.OSPM,
                           device_nodes=device_nodes() if nodes is None else nodes)
 
@@ -58,19 +58,30 @@ def test_every_table_has_a_valid_header(sig):
     assert LIMIT >= t.addresses[sig] + len(data)
 
 
-def test_xsdt_lists_fadt_and_madt_and_fadt_points_at_dsdt():
+def test_xsdt_lists_fadt_and_madt_and_fadt_points_at_dsdt_and_facs():
     t = build()
     x = t.table(b"XSDT")
     assert struct.unpack_from("<2Q", x, 36) == (t.addresses[b"FACP"], t.addresses[b"APIC"])
     f = t.table(b"FACP")
     assert len(f) == 276 and f[8] == 6
     assert struct.unpack_from("<Q", f, 140)[0] == t.addresses[b"DSDT"]
+    facs = t.addresses[b"FACS"]
+    assert facs % 64 == 0 and struct.unpack_from("<IQ", f, 36)[0] == facs
+    assert struct.unpack_from("<Q", f, 132)[0] == facs
+    assert at(t, facs, 8) == b"FACS" + struct.pack("<I", 64)
     flags = struct.unpack_from("<I", f, 112)[0]
-    assert flags & tables.FADT_HW_REDUCED_ACPI and flags & tables.FADT_RESET_REG_SUP
+    assert not flags & tables.FADT_HW_REDUCED_ACPI           # Linux keeps KVM's PIT and PICs
+    assert flags & tables.FADT_RESET_REG_SUP and flags & tables.FADT_TMR_VAL_EXT
+    assert struct.unpack_from("<H", f, 46)[0] == platform.SCI_IRQ
+    assert struct.unpack_from("<III", f, 56)[0] == platform.BASE + platform.PM1_STS
+    assert struct.unpack_from("<I", f, 64)[0] == platform.BASE + platform.PM1_CNT
+    assert struct.unpack_from("<I", f, 76)[0] == platform.BASE + platform.PM_TMR
+    assert tuple(f[88:92]) == (4, 2, 0, 4)
     space, width, _off, _acc, addr = struct.unpack_from("<BBBBQ", f, 116)
     assert (space, width, addr, f[128]) == (1, 8, platform.BASE + platform.RESET, platform.RESET_VALUE)
-    assert struct.unpack_from("<BBBBQ", f, 244)[4] == platform.BASE + platform.SLEEP_CONTROL
-    assert struct.unpack_from("<BBBBQ", f, 256)[4] == platform.BASE + platform.SLEEP_STATUS
+    assert struct.unpack_from("<BBBBQ", f, 148)[4] == platform.BASE + platform.PM1_STS
+    assert struct.unpack_from("<BBBBQ", f, 172)[4] == platform.BASE + platform.PM1_CNT
+    assert struct.unpack_from("<BBBBQ", f, 208)[4] == platform.BASE + platform.PM_TMR
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 8])
@@ -89,7 +100,8 @@ def test_madt_has_a_local_apic_per_vcpu_the_ioapic_and_the_timer_override(vcpus)
     (ioapic,) = [e for k, e in entries if k == 1]
     assert ioapic[2] == vcpus and struct.unpack_from("<II", ioapic, 4) == (0xFEC0_0000, 0)
     isos = [struct.unpack_from("<BBIH", e, 2) for k, e in entries if k == 2]
-    assert isos == [(0, 0, 0, 0)]                       # ISA IRQ 0 -> GSI 0, as KVM routes it
+    # ISA IRQ 0 -> GSI 0, as KVM routes it; the SCI level-triggered, active high
+    assert isos == [(0, 0, 0, 0), (0, 9, 9, 0x000D)]
 
 
 def test_tables_that_do_not_fit_are_an_error():
@@ -117,17 +129,32 @@ def test_dsdt_names_the_devices_and_s5():
 def test_platform_power_off_reset_and_ospm():
     stops = []
     p = platform.AcpiPlatform(lambda reason, code: stops.append((reason, code)))
-    p.write(platform.SLEEP_CONTROL, 1, (dsdt.S5_SLP_TYP << 2))           # no SLP_EN: nothing
-    p.write(platform.SLEEP_CONTROL, 1, (3 << 2) | platform.SLP_EN)        # S3: not offered
+    assert p.read(platform.PM1_CNT, 2) & platform.SCI_EN                  # always in ACPI mode
+    p.write(platform.PM1_CNT, 2, dsdt.S5_SLP_TYP << 10)                   # no SLP_EN: nothing
+    p.write(platform.PM1_CNT, 2, (3 << 10) | platform.SLP_EN)             # S3: not offered
     p.write(platform.RESET, 1, 0x55)
     assert stops == []
-    p.write(platform.SLEEP_CONTROL, 1, (dsdt.S5_SLP_TYP << 2) | platform.SLP_EN)
+    p.write(platform.PM1_CNT, 2, (dsdt.S5_SLP_TYP << 10) | platform.SLP_EN)
     p.write(platform.RESET, 1, platform.RESET_VALUE)
     assert stops == [("guest power-off", 0), ("guest reset (ACPI)", 0)]
-    assert p.read(platform.SLEEP_STATUS, 1) == 0 and p.read(platform.OSPM, 1) == 0
+    p.write(platform.PM1_EN, 2, 0x0100)
+    assert p.read(platform.PM1_EN, 2) == 0x0100 and p.read(platform.PM1_STS, 2) == 0
+    assert p.read(platform.OSPM, 1) == 0
     p.write(platform.OSPM, 1, dsdt.OSPM_READY)
     p.write(platform.OSPM, 1, dsdt.EVENT_TAKEN)
     assert p.ospm_ready and p.events_taken == 1 and p.read(platform.OSPM, 1) == 1
+
+
+def test_pm_timer_counts_at_3_579545_mhz_and_wraps_at_32_bits():
+    now = [100.0]
+    p = platform.AcpiPlatform(lambda *a: None, clock=lambda: now[0])
+    assert p.read(platform.PM_TMR, 4) == 0
+    now[0] += 1.0
+    assert p.read(platform.PM_TMR, 4) == 3_579_545
+    assert p.read(platform.PM_TMR, 2) == 3_579_545 & 0xFFFF
+    assert p.read(platform.PM_TMR + 2, 2) == 3_579_545 >> 16
+    now[0] = 100.0 + (1 << 32) / 3_579_545 + 1.0
+    assert p.read(platform.PM_TMR, 4) < 3_579_545 + 10
 
 
 # -- [machine] acpi --------------------------------------------------------------------------
@@ -143,7 +170,7 @@ def test_acpi_key_defaults_on_and_turns_off(tmp_path):
 # -- iasl as the oracle ----------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("iasl") is None,
                     reason="iasl not installed (Debian: apt-get install acpica-tools; scripts/setup does)")
-@pytest.mark.parametrize("sig", [b"XSDT", b"FACP", b"APIC", b"DSDT"])
+@pytest.mark.parametrize("sig", [b"XSDT", b"FACS", b"FACP", b"APIC", b"DSDT"])
 def test_iasl_disassembles_and_recompiles_without_warnings(tmp_path, sig):
     t = build()
     dat = tmp_path / f"{sig.decode().lower()}.dat"

@@ -1,0 +1,155 @@
+"""ACPI under KVM: the kit's "acpi" kernel (configured like Debian's for SMP
+discovery: ACPI on, no MP-table parsing) finds both CPUs, the IOAPIC, and the
+serial port, the clock and the keyboard controller through the DSDT; its ACPI
+reset (``reboot=acpi``) ends kvmkit with status 0; the power button reaches
+the guest.  And ``acpi = false`` leaves no RSDP in guest memory.
+
+Guest userspace cannot run on the nested CI host, so the guest's own
+``poweroff`` is only tested where it can (not here): the sleep registers are
+covered by unit tests and by the kernel's reset path here.
+"""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from guest import run_kvmkit
+
+pytestmark = pytest.mark.kvm
+
+MACHINE = """
+[machine]
+name = "{name}"
+memory = "256M"
+vcpus = 2
+{acpi}
+
+[kernel]
+image = "{vmlinux}"
+{initrd}
+cmdline = "console=ttyS0 reboot=acpi panic=-1"
+
+[[device]]
+kind = "serial8250"
+backend = "stdio"
+
+[[device]]
+kind = "rtc"
+
+[[device]]
+kind = "i8042"
+"""
+
+
+def machine_file(d, name, vmlinux, initrd=None, acpi=""):
+    path = d / f"{name}.toml"
+    path.write_text(MACHINE.format(name=name, vmlinux=vmlinux, acpi=acpi,
+                                   initrd=f'initrd = "{initrd}"' if initrd else ""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reset_boot(guest_kit, tmp_path_factory):
+    """No initramfs: the kernel panics when it cannot mount a root, and
+    ``panic=-1 reboot=acpi`` resets through the FADT reset register."""
+    d = tmp_path_factory.mktemp("acpi")
+    result = run_kvmkit(["-v", "run", str(machine_file(d, "acpi-reset", guest_kit["ACPI_VMLINUX"]))],
+                        timeout=900)
+    print(result.describe())
+    return result
+
+
+@pytest.mark.parametrize("table", ["RSDP", "XSDT", "FACP", "DSDT", "APIC"])
+def test_guest_finds_the_tables(reset_boot, table):
+    assert reset_boot.find(rf"ACPI: {table} 0x0*F[0-9A-F]{{4}} .*KVMKIT"), reset_boot.describe()
+
+
+def test_both_cpus_come_up_through_the_madt(reset_boot):
+    assert reset_boot.find(r"smp: Brought up 1 node, 2 CPUs"), reset_boot.describe()
+    assert not reset_boot.find(r"MPTABLE|Intel MultiProcessor Specification"), reset_boot.describe()
+
+
+def test_ioapic_from_the_madt(reset_boot):
+    assert reset_boot.find(r"IOAPIC\[0\]: apic_id 2, version \d+, address 0xfec00000, GSI 0-23"), \
+        reset_boot.describe()
+
+
+def test_serial_port_bound_through_acpi_pnp(reset_boot):
+    assert reset_boot.find(r"00:0\d: ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A"), \
+        reset_boot.describe()
+
+
+def test_rtc_bound_through_acpi_pnp(reset_boot):
+    assert reset_boot.find(r"rtc_cmos 00:0\d: registered as rtc0"), reset_boot.describe()
+
+
+def test_pci_host_bridge_from_the_dsdt(reset_boot):
+    assert reset_boot.find(r"PCI Root Bridge \[PCI0\] \(domain 0000 \[bus 00\]\)"), reset_boot.describe()
+
+
+def test_acpi_reset_ends_kvmkit_with_0(reset_boot):
+    assert reset_boot.returncode == 0, reset_boot.describe()
+    assert "guest reset (ACPI)" in reset_boot.stderr, reset_boot.describe()
+    assert "the guest runs ACPI" in reset_boot.stderr, reset_boot.describe()
+
+
+def test_power_button_reaches_the_guest(guest_kit, tmp_path_factory):
+    """A graceful stop presses the ACPI power button (the GED's interrupt);
+    the guest's _EVT notifies PWRB and reports it took the event.  With no
+    userspace (acpid, logind) Linux does not act on the button, so kvmkit
+    then stops the VM itself after the timeout (status 3)."""
+    d = tmp_path_factory.mktemp("acpi-button")
+    xdg = d / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(xdg)}
+    machine = machine_file(d, "acpi-button", guest_kit["ACPI_VMLINUX"], guest_kit["SPIN_CPIO"])
+    proc = subprocess.Popen([sys.executable, "-m", "kvmkit", "-v", "run", str(machine)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 900
+        console = []
+        for raw in proc.stdout:
+            console.append(raw.decode("utf-8", "replace").rstrip())
+            if "Run /init" in console[-1] or time.monotonic() > deadline:
+                break
+        assert any("Run /init" in line for line in console), "\n".join(console[-30:])
+        stop = subprocess.run([sys.executable, "-m", "kvmkit", "stop", "acpi-button", "--timeout", "60"],
+                              env=env, capture_output=True, text=True, timeout=200)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    err = err.decode("utf-8", "replace")
+    assert "pressing the ACPI power button" in err, err[-3000:] + stop.stdout + stop.stderr
+    assert "the guest took the power-button event" in err, err[-3000:]
+
+
+# -- acpi = false ------------------------------------------------------------------------
+def _build(path):
+    from kvmkit.config import load_machine
+    from kvmkit.machine import Machine
+    m = Machine(load_machine(path))
+    m.build()
+    return m
+
+
+def test_acpi_false_writes_no_rsdp(guest_kit, tmp_path):
+    rsdp_ptr = 0x7000 + 0x70                     # boot_params.acpi_rsdp_addr
+    on = _build(machine_file(tmp_path, "acpi-on", guest_kit["SMALL_VMLINUX"]))
+    try:
+        rsdp = struct.unpack("<Q", on.memory.read(rsdp_ptr, 8))[0]
+        assert on.memory.read(rsdp, 8) == b"RSD PTR " and 0xE0000 <= rsdp < 0x100000
+    finally:
+        on.close()
+    off = _build(machine_file(tmp_path, "acpi-off", guest_kit["SMALL_VMLINUX"], acpi="acpi = false"))
+    try:
+        assert struct.unpack("<Q", off.memory.read(rsdp_ptr, 8))[0] == 0
+        assert b"RSD PTR " not in off.memory.read(0xE0000, 0x20000)
+        assert off.acpi is None
+    finally:
+        off.close()
