@@ -26,8 +26,9 @@ def broken(throwaway_dist):
 
 def machine(tmp_path, kind):
     (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
-    m = tmp_path / "m.toml"
-    m.write_text(f'[kernel]\nimage = "vmlinux"\n[[device]]\nkind = "rtc"\n[[device]]\nkind = "{kind}"\n')
+    m = tmp_path / "m.toml"                   # a name of its own: no VM of that name runs
+    m.write_text(f'[machine]\nname = "broken-plugin-{tmp_path.name}"\n[kernel]\nimage = "vmlinux"\n'
+                 f'[[device]]\nkind = "rtc"\n[[device]]\nkind = "{kind}"\n')
     return m
 
 

@@ -103,7 +103,7 @@ def faulty_boot(guest_kit, tmp_path_factory):
     m = d / "fault.toml"
     m.write_text(f"""
 [machine]
-name = "fault"
+name = "plugin-fault"
 memory = "256M"
 
 [kernel]
@@ -141,7 +141,7 @@ def test_the_vm_stops_with_status_1(faulty_boot):
 
 def test_the_message_names_the_plugin_and_the_error(faulty_boot):
     result, _, _ = faulty_boot
-    summary = [line for line in result.stderr.splitlines() if line.startswith("kvmkit: fault:")]
+    summary = [line for line in result.stderr.splitlines() if line.startswith("kvmkit: plugin-fault:")]
     assert len(summary) == 1, result.stderr
     assert "device faulty-serial.0 failed: RuntimeError: injected fault after the trigger line" \
         in summary[0], summary[0]
@@ -163,6 +163,6 @@ def test_the_mounted_disk_is_consistent(faulty_boot):
 def test_kvmkit_vm_started_and_kvmkit_vm_stopped_ran(faulty_boot):
     _, _, record = faulty_boot
     lines = record.read_text().splitlines()
-    assert lines[0] == "started fault"                         # kvmkit_vm_started
+    assert lines[0] == "started plugin-fault"                         # kvmkit_vm_started
     assert lines[1].startswith("stopped 1 vCPU 0: device faulty-serial.0 failed: RuntimeError")
     assert len(lines) == 2                                     # kvmkit_vm_stopped, once

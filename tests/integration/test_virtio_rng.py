@@ -29,6 +29,7 @@ def boot(guest_kit, tmp_path_factory):
     m = d / "rng.toml"
     m.write_text(f"""
 [machine]
+name = "virtio-rng-example"
 memory = "256M"
 vcpus = 1
 
