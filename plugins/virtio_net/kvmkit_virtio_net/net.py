@@ -40,6 +40,8 @@ __all__ = ["VirtioNet", "QUEUE_SIZES", "PENDING_LIMIT", "STAT_NAMES"]
 QUEUE_SIZES = (256, 256, 64)        # rx, tx, ctrl
 PENDING_LIMIT = 256                 # frames from the backend waiting for receive buffers
 
+_PLAIN = p.NetHeader()                # a frame without offloads
+
 STAT_NAMES = (
     "rx_frames", "rx_bytes", "tx_frames", "tx_bytes",
     "rx_oversize",      # larger than the guest takes (MTU, 64 KiB, its buffer)
@@ -91,6 +93,7 @@ class VirtioNet(VirtioDevice):
         self._held: list = []                   # receive chains popped but not used yet
         self._plain_limit = p.max_plain_frame(mtu)
         self._mergeable = False
+        self._rx_valid = 0                      # DATA_VALID on every frame (backend vouches)
         backend.attach(self)
 
     # -- VirtioDevice ---------------------------------------------------------------------
@@ -101,6 +104,8 @@ class VirtioNet(VirtioDevice):
         super().activate(queues, driver_features)
         self._held = []
         self._mergeable = self.negotiated(p.F_MRG_RXBUF)
+        self._rx_valid = (p.HDR_F_DATA_VALID if self.backend.rx_checksums_valid
+                          and self.negotiated(p.F_GUEST_CSUM) else 0)
         self.backend.configure(driver_features)
         if self.pending():
             self.wake(p.RX)
@@ -110,6 +115,7 @@ class VirtioNet(VirtioDevice):
         self._held = []
         self.mac = self.default_mac
         self._mergeable = False
+        self._rx_valid = 0
         with self._pending_lock:
             self._pending.clear()
         self.backend.configure(0)
@@ -183,70 +189,89 @@ class VirtioNet(VirtioDevice):
 
     # -- receive -------------------------------------------------------------------------
     def _receive(self, queue) -> None:
-        mem = queue.memory
+        mem, pending, lock = queue.memory, self._pending, self._pending_lock
         try:
             while True:
-                with self._pending_lock:
-                    item = self._pending[0] if self._pending else None
-                if item is None:
-                    return
+                with lock:
+                    if not pending:
+                        return
+                    item = pending.popleft()
                 if not self._receive_one(queue, mem, item):
-                    return                               # no receive buffers: wait for a kick
-                with self._pending_lock:
-                    self._pending.popleft()
+                    with lock:
+                        pending.appendleft(item)         # no receive buffers: wait for a kick
+                    return
         finally:
             self._space_freed()
 
-    def _rx_header(self, item) -> tuple[p.NetHeader, bytes | bytearray] | None:
-        """The header the guest gets for ``item`` and the frame, or None if the
-        frame must be dropped (counted)."""
+    def _rx_header(self, item) -> tuple[tuple, bytes | bytearray | memoryview] | None:
+        """The header fields (all but num_buffers) the guest gets for
+        ``item``, and the frame; None if the frame is dropped (counted)."""
         frame = memoryview(item)[p.HDR_SIZE:]
         size = len(frame)
         if len(item) < p.HDR_SIZE or size < p.MIN_FRAME:
             self.count("rx_errors", f"runt frame of {max(size, 0)} bytes")
             return None
-        hdr = p.NetHeader.unpack(item)
-        guest_csum = self.negotiated(p.F_GUEST_CSUM)
-        if hdr.gso:
-            need = p.GUEST_GSO_FEATURE.get(hdr.gso)
-            if (need is None or not self.negotiated(need) or not hdr.needs_csum
-                    or (hdr.gso_type & p.GSO_ECN and not self.negotiated(p.F_GUEST_ECN))):
-                self.count("rx_errors", f"GSO type {hdr.gso_type:#x}")
+        if item[0] == 0 and item[1] == 0:                # no offload: the usual case
+            if size > self._plain_limit:
+                self.count("rx_oversize", f"{size} bytes, limit {self._plain_limit}")
                 return None
-        elif hdr.gso_type:
-            self.count("rx_errors", f"GSO type {hdr.gso_type:#x}")
+            return (self._rx_valid, 0, 0, 0, 0, 0), frame
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = p.HDR.unpack_from(item)
+        gso = gso_type & ~p.GSO_ECN
+        guest_csum = self.negotiated(p.F_GUEST_CSUM)
+        if gso:
+            need = p.GUEST_GSO_FEATURE.get(gso)
+            if (need is None or not self.negotiated(need) or not flags & p.HDR_F_NEEDS_CSUM
+                    or (gso_type & p.GSO_ECN and not self.negotiated(p.F_GUEST_ECN))):
+                self.count("rx_errors", f"GSO type {gso_type:#x}")
+                return None
+        elif gso_type:
+            self.count("rx_errors", f"GSO type {gso_type:#x}")
             return None
         # 5.1.6.3.2: no frame without GSO above the MTU (plus the link-level header)
-        limit = p.MAX_GSO_FRAME if hdr.gso else self._plain_limit
+        limit = p.MAX_GSO_FRAME if gso else self._plain_limit
         if size > limit:
             self.count("rx_oversize", f"{size} bytes, limit {limit}")
             return None
-        flags = hdr.flags & (p.HDR_F_NEEDS_CSUM | p.HDR_F_DATA_VALID)
         if flags & p.HDR_F_NEEDS_CSUM:
-            if hdr.csum_start + hdr.csum_offset + 2 > size:
+            if csum_start + csum_offset + 2 > size:
                 self.count("rx_errors", "checksum field outside the frame")
                 return None
-            if not guest_csum:                          # finish it here
-                frame = bytearray(frame)
-                complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
-                flags = 0
-        if self.backend.rx_checksums_valid:
-            flags |= p.HDR_F_DATA_VALID
-        if not guest_csum:
-            flags = 0
-        if flags & p.HDR_F_NEEDS_CSUM:
-            flags &= ~p.HDR_F_DATA_VALID
-        return hdr.replace(flags=flags), frame
+            if guest_csum:
+                return (p.HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
+                        csum_offset), frame
+            frame = bytearray(frame)                     # the guest wants it finished
+            complete_checksum(frame, csum_start, csum_offset)
+            return (0, 0, 0, 0, 0, 0), frame
+        valid = (flags & p.HDR_F_DATA_VALID) if guest_csum else 0
+        return (valid | self._rx_valid, 0, 0, 0, 0, 0), frame
 
     def _receive_one(self, queue, mem, item) -> bool:
-        """Copy one pending frame into receive buffers; False if the guest
-        has not posted enough of them (the frame stays pending)."""
+        """Copy one frame into receive buffers; False if the guest has not
+        posted enough of them (the caller keeps the frame)."""
         parsed = self._rx_header(item)
         if parsed is None:
             return True                                  # dropped, counted
-        hdr, frame = parsed
+        fields, frame = parsed
         need = p.HDR_SIZE + len(frame)
         held = self._held
+        if not held:                                     # the usual case: one fresh buffer
+            while True:
+                chain = queue.pop()
+                if chain is None:
+                    return False
+                if chain.writable_len:
+                    break
+                queue.push(chain.head, 0)                # nothing to write into: hand it back
+            if chain.writable_len >= need and len(chain.writable) == 1:
+                view = mem.view(chain.writable[0][0], need)
+                view[:p.HDR_SIZE] = p.HDR.pack(*fields, 1)
+                view[p.HDR_SIZE:] = frame
+                queue.push(chain.head, need)
+                self.stats["rx_frames"] += 1
+                self.stats["rx_bytes"] += len(frame)
+                return True
+            held.append(chain)
         if self._mergeable:
             have = sum(c.writable_len for c in held)
             while have < need:
@@ -257,7 +282,7 @@ class VirtioNet(VirtioDevice):
                 if chain is None:
                     return False
                 if chain.writable_len == 0:
-                    queue.push(chain.head, 0)            # nothing to write into: hand it back
+                    queue.push(chain.head, 0)
                     continue
                 held.append(chain)
                 have += chain.writable_len
@@ -268,17 +293,12 @@ class VirtioNet(VirtioDevice):
                 if total >= need:
                     break
         else:
-            if not held:
-                chain = queue.pop()
-                if chain is None:
-                    return False
-                held.append(chain)
             if held[0].writable_len < need:
                 self.count("rx_oversize", f"{len(frame)} bytes, the driver's buffer holds "
-                           f"{held[0].writable_len - p.HDR_SIZE}")
+                           f"{max(held[0].writable_len - p.HDR_SIZE, 0)}")
                 return True                              # the buffer waits for the next frame
             used = held[:1]
-        header = hdr.replace(num_buffers=len(used)).pack()
+        header = p.HDR.pack(*fields, len(used))
         push_together(queue, self._scatter(mem, used, header, frame))
         del held[:len(used)]
         self.stats["rx_frames"] += 1
@@ -345,18 +365,27 @@ class VirtioNet(VirtioDevice):
         if size < p.MIN_FRAME:
             self.count("tx_errors", f"runt frame of {max(size, 0)} bytes")
             return
-        hdr = p.NetHeader.unpack(chain.read(mem, 0, p.HDR_SIZE))
-        problem = self._tx_problem(hdr, size)
-        if problem:
-            self.count("tx_errors", problem)
-            return
-        limit = p.MAX_GSO_FRAME if hdr.gso else self._plain_limit
+        if len(chain.readable) == 1:                     # header and frame in one buffer
+            whole = mem.view(chain.readable[0][0], p.HDR_SIZE + size)
+            raw, views = whole[:p.HDR_SIZE], [whole[p.HDR_SIZE:]]
+        else:
+            raw, views = chain.read(mem, 0, p.HDR_SIZE), None
+        if raw[0] == 0 and raw[1] == 0:                  # no offload: the usual case
+            hdr, limit = _PLAIN, self._plain_limit
+        else:
+            hdr = p.NetHeader(*p.HDR.unpack(raw)[:6], 0)
+            problem = self._tx_problem(hdr, size)
+            if problem:
+                self.count("tx_errors", problem)
+                return
+            limit = p.MAX_GSO_FRAME if hdr.gso else self._plain_limit
         if size > limit:
             self.count("tx_oversize", f"{size} bytes, limit {limit}")
             return
+        if views is None:
+            views = chain.readable_views(mem, p.HDR_SIZE, size)
         try:
-            self.backend.transmit(hdr.replace(num_buffers=0),
-                                  chain.readable_views(mem, p.HDR_SIZE, size), size)
+            self.backend.transmit(hdr, views, size)
         except OSError as e:
             self.count("tx_errors", f"the backend could not send it: {e.strerror or e}")
             return

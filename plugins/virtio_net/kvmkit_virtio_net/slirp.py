@@ -195,7 +195,7 @@ class Slirp:
 
     def poll_once(self, max_wait_ms: int = MAX_WAIT_MS, extra_fd: int | None = None) -> bool:
         """One round of the event loop; True if ``extra_fd`` became readable."""
-        ffi, lib = self.ffi, self.lib
+        lib = self.lib
         self._poll_fds = []
         self._timeout[0] = 0xFFFFFFFF
         with self.lock:

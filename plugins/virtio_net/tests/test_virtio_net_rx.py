@@ -263,6 +263,18 @@ def test_receive_chain_of_readable_buffers_only_is_returned_empty(make_net):
     assert used[0] == (bad, 0) and used[1][0] == good
 
 
+def test_without_mergeable_buffers_a_readable_only_chain_is_returned_empty(make_net):
+    drv, dev, _ = make_net(features=NO_MRG)
+    bad = drv.drv[p.RX].add([(drv.alloc.alloc(64), 64)], [])
+    good = drv.post_rx(1)[0]
+    frame = payload(60)
+    dev.deliver(frame_item(frame))
+    dev.process(p.RX)
+    used = drv.drv[p.RX].used()
+    assert used == [(bad, 0), (good, p.HDR_SIZE + 60)]
+    assert dev.pending() == 0 and dev.stats["rx_frames"] == 1
+
+
 def test_garbage_rings_raise_only_virtqueue_errors(make_net):
     rng = random.Random(7)
     for round_ in range(30):
