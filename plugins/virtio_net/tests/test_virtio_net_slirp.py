@@ -138,6 +138,44 @@ def test_tcp_forward_reaches_the_guest_as_a_syn(slirp):
         client.close()
 
 
+def test_udp_forward_reaches_the_guest(slirp):
+    port = free_port()
+    slirp.add_forward(parse_forward(f"udp::{port}-:5353"))
+    lease(slirp)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"query", ("127.0.0.1", port))
+        seen = None
+        deadline = time.monotonic() + 5
+        while seen is None and time.monotonic() < deadline:
+            slirp.poll_once(100)
+            for f in slirp.frames:
+                ip = parse_ipv4(f)
+                if ip and ip["proto"] == 17 and ip.get("dport") == 5353:
+                    seen = ip
+    assert seen is not None and seen["payload"] == b"query" and seen["dst"] == "10.0.2.15"
+
+
+def test_slirp_timers_fire_from_the_event_loop(slirp):
+    ffi, lib = slirp_mod.binding()
+    fired = []
+
+    @ffi.callback("void(void *)")
+    def on_timer(opaque):
+        fired.append(time.monotonic())
+
+    # what libslirp does with a timer: create, arm (absolute ms of its clock), free
+    timer = lib.kvmkit_slirp_timer_new(on_timer, ffi.NULL, slirp._handle)
+    armed = time.monotonic()
+    lib.kvmkit_slirp_timer_mod(timer, time.monotonic_ns() // 1_000_000 + 150, slirp._handle)
+    while not fired and time.monotonic() - armed < 3:
+        slirp.poll_once(1000)
+    assert len(fired) == 1 and 0.14 <= fired[0] - armed < 1.0     # not a 1 s poll timeout
+    slirp.poll_once(10)
+    assert len(fired) == 1                                        # once per arming
+    lib.kvmkit_slirp_timer_free(timer, slirp._handle)
+    assert slirp._timers == {}
+
+
 def test_forward_to_a_port_in_use(slirp):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
