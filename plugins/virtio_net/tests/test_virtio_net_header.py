@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from conftest import MAC, frame_item
+from netdriver import MAC, frame_item
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net.checksum import complete_checksum, internet_checksum, ones_complement_sum
 from kvmkit_virtio_net.net import VirtioNet

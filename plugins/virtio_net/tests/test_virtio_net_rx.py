@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import MAC, FakeBackend, NetDriver, frame_item
+from netdriver import MAC, FakeBackend, NetDriver, frame_item
 from kvmkit.memory import GuestMemory
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
 from kvmkit.virtio.queue import SplitQueue, VirtqueueError

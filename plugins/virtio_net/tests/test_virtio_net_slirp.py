@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import NetDriver
+from netdriver import NetDriver
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net import slirp as slirp_mod
 from kvmkit_virtio_net.backends import UserBackend
