@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kvm
 @pytest.fixture
 def machine(guest_kit, tmp_path):
     def make(net_table: str):
-        m = tmp_path / "m.toml"
+        m = tmp_path / "netbad.toml"
         m.write_text(f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n\n'
                      f'[[device]]\nkind = "virtio-net"\n{net_table}\n')
         return m
