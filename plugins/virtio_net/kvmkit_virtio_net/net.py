@@ -373,7 +373,8 @@ class VirtioNet(VirtioDevice):
         if raw[0] == 0 and raw[1] == 0:                  # no offload: the usual case
             hdr, limit = _PLAIN, self._plain_limit
         else:
-            hdr = p.NetHeader(*p.HDR.unpack(raw)[:6], 0)
+            flags, *fields = p.HDR.unpack(raw)[:6]
+            hdr = p.NetHeader(flags & p.HDR_F_NEEDS_CSUM, *fields, 0)   # DATA_VALID: not ours
             problem = self._tx_problem(hdr, size)
             if problem:
                 self.count("tx_errors", problem)

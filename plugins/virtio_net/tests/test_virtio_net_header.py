@@ -133,6 +133,13 @@ def test_transmit_header_checks(make_net, offloads, hdr, size, ok, stat):
         assert dev.stats[stat] == 1 and dev.stats["tx_frames"] == 0
 
 
+def test_transmit_passes_on_no_flag_but_needs_csum(make_net):
+    drv, _, backend = make_net(offloads=p.bits(p.F_CSUM))
+    drv.send(FRAME, p.NetHeader(flags=p.HDR_F_DATA_VALID | 4))   # a guest vouching, RSC_INFO
+    drv.send(FRAME, PARTIAL.replace(flags=p.HDR_F_NEEDS_CSUM | p.HDR_F_DATA_VALID))
+    assert [h for h, _ in backend.sent] == [p.NetHeader(), PARTIAL]
+
+
 def test_a_chain_without_a_whole_header_is_dropped(make_net):
     drv, dev, backend = make_net()
     drv.queue_tx(b"", raw=b"\0" * 11)
