@@ -1,11 +1,12 @@
 """Debian's stock cloud kernel (linux-image-cloud-amd64), booted from its
 bzImage (lz4 legacy payload, decompressed on the host).
 
-It builds virtio as modules and has no MP-table support, so until ACPI exists
-it runs on one CPU and shows console, RTC and keyboard controller only.  On
-the nested CI host it reaches the RTC after about 4-5 minutes (then spends a
-long time in its late init calls), so the test stops it with SIGTERM once the
-RTC has set the clock: that keeps it inside the default run (README: Tests).
+It builds virtio as modules, so without a userspace to load them it shows
+console, RTC and keyboard controller only (its CPUs come up through ACPI:
+test_acpi_debian.py).  On the nested CI host it reaches the RTC after about
+4-5 minutes (then spends a long time in its late init calls), so the test
+stops it with SIGTERM once the RTC has set the clock: that keeps it inside
+the default run (README: Tests).
 """
 import signal
 
