@@ -289,6 +289,9 @@ def test_tap_boot_ends_cleanly(tap_boot):
 
 # -- boot 3: a file both ways, where guest userspace runs ------------------------------------------
 
+OUT_SIZE = 512 * 1024
+
+
 def newc(files: dict[str, bytes]) -> bytes:
     """An uncompressed newc cpio archive of regular files (mode 0755)."""
     out, ino = b"", 0x4B000
@@ -328,16 +331,16 @@ def transfer_boot(guest_kit, on_pvm_host, tmp_path_factory):
     sink = socket.create_server(("127.0.0.1", 0))
     sink_port = sink.getsockname()[1]
 
-    def take():
+    def take():                             # all of it, then close: busybox nc ends on EOF
         conn, _ = sink.accept()
         with conn:
-            while chunk := conn.recv(65536):
+            while len(received) < OUT_SIZE and (chunk := conn.recv(65536)):
                 received.extend(chunk)
     threading.Thread(target=take, daemon=True).start()
     script = (f"#!/bin/sh\n"
               f"wget -q -O /tmp/in http://10.0.2.2:{httpd.server_address[1]}/blob\n"
               f"echo \"kvmkit-guest: net-in $(md5sum /tmp/in | cut -d' ' -f1)\"\n"
-              f"dd if=/dev/urandom of=/tmp/out bs=1024 count=512 2>/dev/null\n"
+              f"dd if=/dev/urandom of=/tmp/out bs=1024 count={OUT_SIZE // 1024} 2>/dev/null\n"
               f"echo \"kvmkit-guest: net-out $(md5sum /tmp/out | cut -d' ' -f1)\"\n"
               f"nc -w 10 10.0.2.2 {sink_port} < /tmp/out\n")
     initrd = d / "initrd.cpio"
@@ -365,4 +368,4 @@ def test_file_from_guest_to_host(transfer_boot):
     result, _, received = transfer_boot
     sent = result.find(r"kvmkit-guest: net-out ([0-9a-f]{32})")
     assert sent, result.describe()
-    assert len(received) == 512 * 1024 and hashlib.md5(received).hexdigest() == sent[1][1]
+    assert len(received) == OUT_SIZE and hashlib.md5(received).hexdigest() == sent[1][1]
