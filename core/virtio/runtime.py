@@ -14,6 +14,7 @@ import os
 import select
 
 from ..irq import MsiVector
+from ..plugin_api import EXIT_ERROR
 from ..pci_mapping import add_function, intx_gsi
 from .pci_transport import BAR_INDEX, NOTIFY, NOTIFY_MULTIPLIER, VirtioPciTransport
 
@@ -87,8 +88,14 @@ class VirtioPciRuntime:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
-                with self.ctx.lock:
-                    self.transport.notify(index_of[fd])
+                try:
+                    with self.ctx.lock:
+                        self.transport.notify(index_of[fd])
+                except Exception as e:           # a device bug: stop the VM, name the device
+                    log.debug("%s: queue worker failed", self.ctx.name, exc_info=True)
+                    self.ctx.request_stop(f"device {self.ctx.name} failed: {type(e).__name__}: {e}",
+                                          EXIT_ERROR)
+                    return
 
     def close(self) -> None:
         os.eventfd_write(self.stop_fd, 1)
