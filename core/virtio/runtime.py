@@ -59,9 +59,9 @@ class VirtioPciRuntime:
                  " (function masked)" if function_masked else "")
 
     def _deliver(self, index: int, address: int, data: int) -> None:
-        vector = self.vectors[index]
-        vector.route(address, data)
-        vector.fire()
+        # The route already follows the table: _route ran when the entry was
+        # unmasked or changed (before any message of it can be delivered).
+        self.vectors[index].fire()
 
     def _set_intx(self, level: bool) -> None:
         if hasattr(self, "line"):
