@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import platform
 import random
 import tempfile
 import time
@@ -38,6 +37,8 @@ from kvmkit_virtio_blk import protocol as p
 from kvmkit_virtio_blk.backend import FileBackend
 from kvmkit_virtio_blk.blk import QUEUE_SIZE, VirtioBlk
 
+from machine_info import describe  # bench/ is on sys.path when run as a script
+
 CASES = (                       # name, block size, random offsets?, write?
     ("4K random read", 4096, True, False),
     ("4K random write", 4096, True, True),
@@ -45,20 +46,6 @@ CASES = (                       # name, block size, random offsets?, write?
     ("64K sequential write", 65536, False, True),
 )
 GUEST_RAM = 64 << 20
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{platform.node()}: {platform.platform()}, Python {platform.python_version()}\n"
-            f"CPU: {model} ({os.cpu_count()} logical CPUs)")
 
 
 def filesystem_of(path: str) -> str:
@@ -203,7 +190,7 @@ def main() -> None:
     if not 1 <= args.depth <= QUEUE_SIZE:
         ap.error(f"--depth must be 1..{QUEUE_SIZE}")
 
-    print(machine())
+    print(describe())
     print(f"image: {size >> 20} MiB in {args.dir}, {filesystem_of(os.path.realpath(args.dir))}; "
           f"cache = {args.cache}; {args.depth} requests per notification; "
           f"{args.seconds:g} s per case and path")

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import struct
 import subprocess
 import sys
@@ -51,6 +49,7 @@ from kvmkit_virtio_net.backends import TapBackend
 from kvmkit_virtio_net.net import QUEUE_SIZES, VirtioNet
 from kvmkit_virtio_net.netns import NetNamespace, available
 from kvmkit_virtio_net.tap import open_tap
+from machine_info import describe  # bench/ is on sys.path when run as a script
 
 GUEST_RAM = 64 << 20
 IFNAME = "kvbench0"
@@ -61,6 +60,7 @@ RX_BUFFER = 1526                                   # hdr + 1514, Linux's mergeab
 
 SENDER = r"""
 import socket, struct, sys, time
+
 ifname, size, seconds, dst = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), bytes.fromhex(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))
@@ -76,20 +76,6 @@ while time.monotonic() < end:
             pass
 print(sent)
 """
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{platform.node()}: {platform.platform()}, Python {platform.python_version()}\n"
-            f"CPU: {model} ({os.cpu_count()} logical CPUs)")
 
 
 def ipv4_udp(size: int) -> bytes:
@@ -217,7 +203,7 @@ def main() -> None:
     if why:
         sys.exit(f"net_tap: needs a network namespace: {why}")
     logging.basicConfig(level=logging.ERROR)
-    print(machine())
+    print(describe())
     print(f"queue backend: pure Python (native: not written yet); {args.seconds:g} s per case\n")
     with NetNamespace("kvmkit-b") as ns:
         ns.ip("tuntap", "add", "dev", IFNAME, "mode", "tap")

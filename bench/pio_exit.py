@@ -11,7 +11,6 @@ device call).  No Linux, no plugins: a counting device on the PIO bus.
 from __future__ import annotations
 
 import argparse
-import platform
 import threading
 import time
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from kvmkit.hypervisor.kvm import Kvm
 from kvmkit.machine import IDENTITY_MAP_ADDR, TSS_ADDR
 from kvmkit.memory import GuestMemory
 from kvmkit.vcpu import handle_exit
+from machine_info import describe  # bench/ is on sys.path when run as a script
 
 CODE_AT = 0x100000
 
@@ -95,9 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     results = [measure(args.exits) for _ in range(args.runs)]
     best = min(results, key=lambda r: r["wall_us"])
-    host = "paravirtual nested KVM (kvm_pvm)" if host_quirks.detect() else "hardware KVM"
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {host}, "
-          f"Python {platform.python_version()}")
+    print(describe())
     print(f"port-I/O exits: {best['exits']} per run, best of {args.runs}")
     print(f"  wall per exit (KVM round trip + kvmkit): {best['wall_us']:.2f} us")
     print(f"  kvmkit handling per exit (handle_exit):  {best['handler_us']:.2f} us")

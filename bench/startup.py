@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from guest import kit  # noqa: E402
+from machine_info import describe  # noqa: E402
 
 
 def once(args: list[str]) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
             args += ["--initrd", str(initrd)]
         once(args)                                   # warm the page cache
         times = [once(args) for _ in range(a.runs)]
-    print(f"machine: {platform.node()} {platform.machine()}, Python {platform.python_version()}")
+    print(describe())
     print(f"kernel: {kernel}" + (f", initrd: {initrd}" if initrd else ""))
     print(f"kvmkit run -> first KVM_RUN: median {statistics.median(times) * 1000:.0f} ms, "
           f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms ({a.runs} runs)")
