@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -93,3 +94,36 @@ def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
     for t in threads:
         t.join(timeout=10)
     return Boot(proc.returncode, lines, b"".join(err).decode("utf-8", "replace"), time.monotonic() - t0)
+
+
+# The devices most test machines have: the console, the clock and the reset.
+CONSOLE_CLOCK_RESET = ({"kind": "serial8250"}, {"kind": "rtc"}, {"kind": "i8042"})
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value))           # a TOML basic string
+
+
+def machine_file(path: Path, *, image, cmdline: str, initrd=None, vcpus: int = 1,
+                 memory: str = "256M", name: str | None = None, acpi: bool | None = None,
+                 devices=CONSOLE_CLOCK_RESET, extra_devices=()) -> Path:
+    """Write a machine file: [machine], [kernel], then one [[device]] table
+    per dict in ``devices`` and ``extra_devices``."""
+    machine = {"memory": memory, "vcpus": vcpus}
+    if name is not None:
+        machine["name"] = name
+    if acpi is not None:
+        machine["acpi"] = acpi
+    kernel = {"image": image, "cmdline": cmdline}
+    if initrd is not None:
+        kernel["initrd"] = initrd
+    parts = ["[machine]", *(f"{k} = {_toml_value(v)}" for k, v in machine.items()),
+             "", "[kernel]", *(f"{k} = {_toml_value(v)}" for k, v in kernel.items())]
+    for table in (*devices, *extra_devices):
+        parts += ["", "[[device]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    path.write_text("\n".join(parts) + "\n")
+    return path

@@ -17,39 +17,13 @@ import time
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
-MACHINE = """
-[machine]
-name = "{name}"
-memory = "256M"
-vcpus = 2
-{acpi}
-
-[kernel]
-image = "{vmlinux}"
-{initrd}
-cmdline = "console=ttyS0 reboot=acpi panic=-1"
-
-[[device]]
-kind = "serial8250"
-backend = "stdio"
-
-[[device]]
-kind = "rtc"
-
-[[device]]
-kind = "i8042"
-"""
-
-
-def machine_file(d, name, vmlinux, initrd=None, acpi=""):
-    path = d / f"{name}.toml"
-    path.write_text(MACHINE.format(name=name, vmlinux=vmlinux, acpi=acpi,
-                                   initrd=f'initrd = "{initrd}"' if initrd else ""))
-    return path
+def acpi_machine(d, name, vmlinux, initrd=None, acpi=None):
+    return machine_file(d / f"{name}.toml", name=name, image=vmlinux, initrd=initrd, vcpus=2,
+                        acpi=acpi, cmdline="console=ttyS0 reboot=acpi panic=-1")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +31,7 @@ def reset_boot(guest_kit, tmp_path_factory):
     """No initramfs: the kernel panics when it cannot mount a root, and
     ``panic=-1 reboot=acpi`` resets through the FADT reset register."""
     d = tmp_path_factory.mktemp("acpi")
-    result = run_kvmkit(["-v", "run", str(machine_file(d, "acpi-reset", guest_kit["ACPI_VMLINUX"]))],
+    result = run_kvmkit(["-v", "run", str(acpi_machine(d, "acpi-reset", guest_kit["ACPI_VMLINUX"]))],
                         timeout=900)
     print(result.describe())
     return result
@@ -106,7 +80,7 @@ def test_power_button_reaches_the_guest(guest_kit, tmp_path_factory):
     xdg = d / "xdg"
     xdg.mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(xdg)}
-    machine = machine_file(d, "acpi-button", guest_kit["ACPI_VMLINUX"], guest_kit["SPIN_CPIO"])
+    machine = acpi_machine(d, "acpi-button", guest_kit["ACPI_VMLINUX"], guest_kit["SPIN_CPIO"])
     proc = subprocess.Popen([sys.executable, "-m", "kvmkit", "-v", "run", str(machine)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -140,13 +114,13 @@ def _build(path):
 
 def test_acpi_false_writes_no_rsdp(guest_kit, tmp_path):
     rsdp_ptr = 0x7000 + 0x70                     # boot_params.acpi_rsdp_addr
-    on = _build(machine_file(tmp_path, "acpi-on", guest_kit["SMALL_VMLINUX"]))
+    on = _build(acpi_machine(tmp_path, "acpi-on", guest_kit["SMALL_VMLINUX"]))
     try:
         rsdp = struct.unpack("<Q", on.memory.read(rsdp_ptr, 8))[0]
         assert on.memory.read(rsdp, 8) == b"RSD PTR " and 0xE0000 <= rsdp < 0x100000
     finally:
         on.close()
-    off = _build(machine_file(tmp_path, "acpi-off", guest_kit["SMALL_VMLINUX"], acpi="acpi = false"))
+    off = _build(acpi_machine(tmp_path, "acpi-off", guest_kit["SMALL_VMLINUX"], acpi=False))
     try:
         assert struct.unpack("<Q", off.memory.read(rsdp_ptr, 8))[0] == 0
         assert b"RSD PTR " not in off.memory.read(0xE0000, 0x20000)

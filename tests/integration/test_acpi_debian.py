@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 from kvmkit.hypervisor import host_quirks
 
 pytestmark = [pytest.mark.kvm] + ([pytest.mark.slow] if host_quirks.detect() else [])
@@ -20,25 +20,8 @@ SMP_UP = r"smp: Brought up 1 node, (\d+) CPUs?"
 @pytest.fixture(scope="module")
 def boot(guest_kit, tmp_path_factory):
     d = tmp_path_factory.mktemp("debian-acpi")
-    machine = d / "debian-acpi.toml"
-    machine.write_text(f"""
-[machine]
-memory = "512M"
-vcpus = 2
-
-[kernel]
-image = "{guest_kit['DEBIAN_BZIMAGE']}"
-cmdline = "console=ttyS0 panic=-1 reboot=acpi"
-
-[[device]]
-kind = "serial8250"
-
-[[device]]
-kind = "rtc"
-
-[[device]]
-kind = "i8042"
-""")
+    machine = machine_file(d / "debian-acpi.toml", image=guest_kit["DEBIAN_BZIMAGE"], memory="512M", vcpus=2,
+                           cmdline="console=ttyS0 panic=-1 reboot=acpi")
     result = run_kvmkit(["-v", "run", str(machine)], timeout=1500, when=SMP_UP,
                         then=lambda proc: proc.send_signal(signal.SIGTERM))
     print(result.describe())

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
@@ -22,25 +22,8 @@ CLOCK_SET = r"rtc_cmos \S+: setting system clock to \S+ UTC \((\d+)\)"
 @pytest.fixture(scope="module")
 def boot(guest_kit, tmp_path_factory):
     d = tmp_path_factory.mktemp("debian")
-    machine = d / "debian.toml"
-    machine.write_text(f"""
-[machine]
-memory = "512M"
-vcpus = 1
-
-[kernel]
-image = "{guest_kit['DEBIAN_BZIMAGE']}"
-cmdline = "console=ttyS0 panic=-1 reboot=k"
-
-[[device]]
-kind = "serial8250"
-
-[[device]]
-kind = "rtc"
-
-[[device]]
-kind = "i8042"
-""")
+    machine = machine_file(d / "debian.toml", image=guest_kit["DEBIAN_BZIMAGE"], memory="512M", vcpus=1,
+                           cmdline="console=ttyS0 panic=-1 reboot=k")
     result = run_kvmkit(["-v", "run", str(machine)], timeout=1500, when=CLOCK_SET,
                         then=lambda proc: proc.send_signal(signal.SIGTERM))
     print(f"debian stock kernel: RTC reached after {result.wall:.0f} s wall")

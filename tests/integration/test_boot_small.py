@@ -10,38 +10,16 @@ import time
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
-
-MACHINE = """
-[machine]
-name = "small-smp"
-memory = "256M"
-vcpus = 2
-
-[kernel]
-image = "{vmlinux}"
-initrd = "{initrd}"
-cmdline = "console=ttyS0 panic=-1 reboot=k"
-
-[[device]]
-kind = "serial8250"
-backend = "stdio"
-
-[[device]]
-kind = "rtc"
-
-[[device]]
-kind = "i8042"
-"""
-
 
 @pytest.fixture(scope="module")
 def boot(guest_kit, tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
-    machine = d / "small.toml"
-    machine.write_text(MACHINE.format(vmlinux=guest_kit["SMALL_VMLINUX"], initrd=guest_kit["BUSYBOX_CPIO"]))
+    machine = machine_file(d / "small.toml", name="small-smp", image=guest_kit["SMALL_VMLINUX"],
+                           initrd=guest_kit["BUSYBOX_CPIO"], vcpus=2,
+                           cmdline="console=ttyS0 panic=-1 reboot=k")
     result = run_kvmkit(["-v", "run", str(machine)], timeout=900)
     print(result.describe())
     return result

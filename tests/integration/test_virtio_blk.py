@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
@@ -38,26 +38,9 @@ def make_partitioned(path, size_mib, parts):
 
 
 def machine(path, image, cmdline, disks):
-    devices = "".join(f'\n[[device]]\nkind = "virtio-blk"\npath = "{d}"\n{extra}' for d, extra in disks)
-    path.write_text(f"""
-[machine]
-memory = "256M"
-vcpus = 1
-
-[kernel]
-image = "{image}"
-cmdline = "{cmdline}"
-
-[[device]]
-kind = "serial8250"
-
-[[device]]
-kind = "rtc"
-
-[[device]]
-kind = "i8042"
-{devices}""")
-    return path
+    """``disks``: (image path, extra keys) of each virtio-blk disk."""
+    return machine_file(path, image=image, cmdline=cmdline,
+                        extra_devices=[{"kind": "virtio-blk", "path": d, **extra} for d, extra in disks])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +50,7 @@ def two_disks(guest_kit, tmp_path_factory):
     make_ext4(root, 64, "kvmkit-root")
     make_partitioned(data, 32, [(2048, 16384, 0x83), (18432, 43008, 0x83)])
     m = machine(d / "two.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw",
-                [(root, ""), (data, "")])
+                [(root, {}), (data, {})])
     started = time.time()
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
@@ -121,7 +104,7 @@ def readonly_root(guest_kit, tmp_path_factory):
     before = root.read_bytes()
     # pci=nomsi: this boot exercises the INTx path (ISR status + level interrupt)
     m = machine(d / "ro.toml", guest_kit["SMALL_VMLINUX"],
-                "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw pci=nomsi", [(root, "readonly = true")])
+                "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw pci=nomsi", [(root, {"readonly": True})])
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
     return result, root, before

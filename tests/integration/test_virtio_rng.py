@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from guest import run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
@@ -26,32 +26,12 @@ def boot(guest_kit, tmp_path_factory):
     for module in ("kvmkit_example_virtio_rng", "kvmkit_rtc_fixed"):
         pytest.importorskip(module)
     d = tmp_path_factory.mktemp("rng")
-    m = d / "rng.toml"
-    m.write_text(f"""
-[machine]
-name = "virtio-rng-example"
-memory = "256M"
-vcpus = 1
-
-[kernel]
-image = "{guest_kit['SMALL_VMLINUX']}"
-initrd = "{guest_kit['SPIN_CPIO']}"
-cmdline = "console=ttyS0 panic=-1"
-
-[[device]]
-kind = "serial8250"
-
-[[device]]
-kind = "rtc-fixed"
-start = "2000-01-01T00:00:00Z"
-
-[[device]]
-kind = "i8042"
-
-[[device]]
-kind = "virtio-rng"
-max_bytes_per_request = 64
-""")
+    m = machine_file(d / "rng.toml", name="virtio-rng-example", image=guest_kit["SMALL_VMLINUX"],
+                     initrd=guest_kit["SPIN_CPIO"], cmdline="console=ttyS0 panic=-1",
+                     devices=[{"kind": "serial8250"},
+                              {"kind": "rtc-fixed", "start": "2000-01-01T00:00:00Z"},
+                              {"kind": "i8042"},
+                              {"kind": "virtio-rng", "max_bytes_per_request": 64}])
 
     def stop(proc):
         time.sleep(SETTLE)
