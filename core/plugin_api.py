@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, runtime_checkable
 
 import pluggy
 
@@ -284,17 +284,6 @@ class DevicePlugin:
 
     def __repr__(self) -> str:
         return f"DevicePlugin({self.spec.kind!r})"
-
-
-def keys_doc(keys: Iterable[Key]) -> str:
-    """A one-line-per-key description (used by docs and listings)."""
-    lines = []
-    for k in keys:
-        default = ("required" if k.required else "optional" if k.default is None
-                   else f"default {k.default!r}")
-        choices = f", one of {', '.join(map(str, k.choices))}" if k.choices else ""
-        lines.append(f"{k.name} ({k.type_name}, {default}{choices}): {k.doc}")
-    return "\n".join(lines)
 
 
 # Re-exported for device plugins, resolved on first use: these modules import

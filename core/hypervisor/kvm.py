@@ -57,9 +57,6 @@ class Kvm:
             raise KvmUnavailable(f"{path} speaks KVM API {version}, kvmkit needs {KVM_API_VERSION}")
         self.vcpu_mmap_size = _ioctl_val(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0)
 
-    def check_extension(self, cap: int) -> int:
-        return lib.kvmkit_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)
-
     def supported_cpuid(self) -> list[list[int]]:
         """KVM_GET_SUPPORTED_CPUID as [function, index, flags, eax, ebx, ecx, edx] rows."""
         n = 256
