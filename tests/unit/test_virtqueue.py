@@ -1,4 +1,9 @@
-"""The pure-Python split virtqueue against the driver model (virtio 1.2, 2.7)."""
+"""The split virtqueue against the driver model (virtio 1.2, 2.7).
+
+Every test that builds a queue runs against both backends: the pure-Python
+SplitQueue ("python") and kvmkit_native's C queue ("native", skipped when
+kvmkit_native is not installed).
+"""
 import random
 import struct
 
@@ -14,15 +19,39 @@ MEM = 1 << 20
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
 
+def _native_queue_class():
+    try:
+        from kvmkit_native.queue import NativeSplitQueue
+    except ImportError as e:
+        pytest.skip(f"kvmkit_native is not importable ({e}); install it with "
+                    f"'.venv/bin/pip install -e native/'")
+    return NativeSplitQueue
+
+
+@pytest.fixture(params=["python", "native"])
+def queue_cls(request):
+    """The queue backend under test: a class with SplitQueue's constructor and API."""
+    return SplitQueue if request.param == "python" else _native_queue_class()
+
+
+def set_used_idx(q, idx):
+    """Start the device's used index (and its last-signalled mark) at ``idx``."""
+    q.used_idx = idx
+    if isinstance(q, SplitQueue):
+        q._signalled_used = idx
+    else:
+        q.kvq.signalled_used = idx
+
+
 class Setup:
-    def __init__(self, size=16, *, event_idx=False, indirect=False, indirect_max=8,
+    def __init__(self, queue_cls, size=16, *, event_idx=False, indirect=False, indirect_max=8,
                  mem_size=MEM):
         self.mem = GuestMemory(mem_size, backing=bytearray(mem_size))
         self.alloc = GuestAllocator(self.mem, 0x1000)
         self.drv = DriverQueue(self.mem, size, self.alloc, indirect_max=indirect_max,
                                event_idx=event_idx)
-        self.q = SplitQueue(self.mem, size, *self.drv.addresses, event_idx=event_idx,
-                            indirect=indirect)
+        self.q = queue_cls(self.mem, size, *self.drv.addresses, event_idx=event_idx,
+                           indirect=indirect)
 
     def buf(self, data=None, length=None):
         if data is not None:
@@ -36,15 +65,15 @@ class Setup:
 # -- construction ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [0, 3, 24, 65536, 1 << 16 | 1])
-def test_queue_size_must_be_power_of_two_up_to_32768(size):
+def test_queue_size_must_be_power_of_two_up_to_32768(size, queue_cls):
     mem = GuestMemory(MEM, backing=bytearray(MEM))
     with pytest.raises(VirtqueueError, match="power of two"):
-        SplitQueue(mem, size, 0x1000, 0x2000, 0x3000, event_idx=False, indirect=False)
+        queue_cls(mem, size, 0x1000, 0x2000, 0x3000, event_idx=False, indirect=False)
 
 
-def test_largest_queue_size_accepted():
+def test_largest_queue_size_accepted(queue_cls):
     mem = GuestMemory(4 << 20, backing=bytearray(4 << 20))
-    q = SplitQueue(mem, 32768, 0x0, 0x80000, 0x100000, event_idx=True, indirect=True)
+    q = queue_cls(mem, 32768, 0x0, 0x80000, 0x100000, event_idx=True, indirect=True)
     assert q.pop() is None
 
 
@@ -53,14 +82,14 @@ def test_largest_queue_size_accepted():
     (0x1000, 0x2001, 0x3000, "available ring .* 2-byte"),
     (0x1000, 0x2000, 0x3002, "used ring .* 4-byte"),
 ])
-def test_ring_alignment(desc, avail, used, what):
+def test_ring_alignment(desc, avail, used, what, queue_cls):
     mem = GuestMemory(MEM, backing=bytearray(MEM))
     with pytest.raises(VirtqueueError, match=what):
-        SplitQueue(mem, 16, desc, avail, used, event_idx=False, indirect=False)
+        queue_cls(mem, 16, desc, avail, used, event_idx=False, indirect=False)
 
 
 @pytest.mark.parametrize("which", ["desc", "avail", "used"])
-def test_rings_with_event_words_must_be_in_ram(which):
+def test_rings_with_event_words_must_be_in_ram(which, queue_cls):
     mem = GuestMemory(MEM, backing=bytearray(MEM))
     size = 16
     addr = {"desc": 0x1000, "avail": 0x2000, "used": 0x3000}
@@ -71,17 +100,17 @@ def test_rings_with_event_words_must_be_in_ram(which):
     # one alignment step higher the tail (the event word of the rings) sticks out of RAM
     addr[which] = last_fit + align
     with pytest.raises(VirtqueueError, match="not inside guest RAM"):
-        SplitQueue(mem, size, addr["desc"], addr["avail"], addr["used"],
-                   event_idx=False, indirect=False)
+        queue_cls(mem, size, addr["desc"], addr["avail"], addr["used"],
+                  event_idx=False, indirect=False)
     addr[which] = last_fit
-    SplitQueue(mem, size, addr["desc"], addr["avail"], addr["used"],
-               event_idx=False, indirect=False)
+    queue_cls(mem, size, addr["desc"], addr["avail"], addr["used"],
+              event_idx=False, indirect=False)
 
 
 # -- well-formed chains -------------------------------------------------------------------
 
-def test_simple_chain_round_trip():
-    s = Setup()
+def test_simple_chain_round_trip(queue_cls):
+    s = Setup(queue_cls)
     assert s.q.pop() is None and not s.q.has_available()
     out = s.buf(b"hello, device")
     inb = s.buf(length=32)
@@ -99,8 +128,8 @@ def test_simple_chain_round_trip():
     assert s.drv.in_flight == 0
 
 
-def test_chains_come_out_in_order_and_descriptors_are_reused():
-    s = Setup(size=4)
+def test_chains_come_out_in_order_and_descriptors_are_reused(queue_cls):
+    s = Setup(queue_cls, size=4)
     bufs = [s.buf(bytes([i]) * 8) for i in range(4)]
     heads = [s.drv.add([b]) for b in bufs]
     with pytest.raises(DriverError):
@@ -115,8 +144,8 @@ def test_chains_come_out_in_order_and_descriptors_are_reused():
     assert s.q.pop().readable == [bufs[1]]
 
 
-def test_read_and_write_scatter_across_buffers():
-    s = Setup()
+def test_read_and_write_scatter_across_buffers(queue_cls):
+    s = Setup(queue_cls)
     r = [s.buf(b"abc"), s.buf(b"defgh"), s.buf(b"ij")]
     w = [s.buf(length=2), s.buf(length=3), s.buf(length=4)]
     s.drv.add(r, w)
@@ -138,8 +167,8 @@ def test_read_and_write_scatter_across_buffers():
     assert b"".join(bytes(v) for v in views) == b"defghij"
 
 
-def test_zero_length_descriptors_contribute_nothing():
-    s = Setup()
+def test_zero_length_descriptors_contribute_nothing(queue_cls):
+    s = Setup(queue_cls)
     a = s.buf(b"data")
     # a zero-length descriptor may carry any address: it names no memory
     d = s.drv
@@ -152,16 +181,16 @@ def test_zero_length_descriptors_contribute_nothing():
     assert c.readable == [a] and c.writable == [(a[0], 2)]
 
 
-def test_chain_of_exactly_queue_size_descriptors():
-    s = Setup(size=8)
+def test_chain_of_exactly_queue_size_descriptors(queue_cls):
+    s = Setup(queue_cls, size=8)
     bufs = [s.buf(length=4) for _ in range(8)]
     head = s.drv.add(bufs[:3], bufs[3:])
     c = s.q.pop()
     assert (c.head, c.readable, c.writable) == (head, bufs[:3], bufs[3:])
 
 
-def test_many_chains_wrap_the_free_running_indices():
-    s = Setup(size=8, event_idx=True)
+def test_many_chains_wrap_the_free_running_indices(queue_cls):
+    s = Setup(queue_cls, size=8, event_idx=True)
     buf = s.buf(length=8)
     total, batch = 70_000, 5
     done = 0
@@ -184,8 +213,8 @@ def test_many_chains_wrap_the_free_running_indices():
 
 # -- indirect descriptors -----------------------------------------------------------------
 
-def test_indirect_chain():
-    s = Setup(indirect=True)
+def test_indirect_chain(queue_cls):
+    s = Setup(queue_cls, indirect=True)
     r = [s.buf(b"header--"), s.buf(b"payload")]
     w = [s.buf(length=1)]
     head = s.drv.add(r, w, indirect=True)
@@ -197,9 +226,9 @@ def test_indirect_chain():
     assert s.drv.used() == [(head, 1)]
 
 
-def test_direct_descriptors_then_an_indirect_table():
+def test_direct_descriptors_then_an_indirect_table(queue_cls):
     """2.7.5.3.2: zero or more chained descriptors followed by one indirect one."""
-    s = Setup(indirect=True)
+    s = Setup(queue_cls, indirect=True)
     hdr = s.buf(b"H" * 16)
     data = s.buf(b"D" * 512)
     status = s.buf(length=1)
@@ -213,8 +242,8 @@ def test_direct_descriptors_then_an_indirect_table():
     assert (c.head, c.readable, c.writable) == (5, [hdr, data], [status])
 
 
-def test_indirect_table_of_one_entry_and_chained_order_inside():
-    s = Setup(indirect=True)
+def test_indirect_table_of_one_entry_and_chained_order_inside(queue_cls):
+    s = Setup(queue_cls, indirect=True)
     a, b = s.buf(b"first"), s.buf(b"second")
     table = s.alloc.alloc(48)
     # entries used out of table order: 2 -> 0; entry 1 is garbage never reached
@@ -230,8 +259,8 @@ def test_indirect_table_of_one_entry_and_chained_order_inside():
 
 # -- notification suppression ----------------------------------------------------------
 
-def test_interrupt_suppression_without_event_idx():
-    s = Setup()
+def test_interrupt_suppression_without_event_idx(queue_cls):
+    s = Setup(queue_cls)
     b = s.buf(length=4)
     assert not s.q.should_notify()                # nothing pushed
     s.drv.add([b]); s.q.push(s.q.pop().head, 0)
@@ -245,8 +274,8 @@ def test_interrupt_suppression_without_event_idx():
     assert s.q.should_notify()
 
 
-def test_interrupt_suppression_with_event_idx():
-    s = Setup(event_idx=True)
+def test_interrupt_suppression_with_event_idx(queue_cls):
+    s = Setup(queue_cls, event_idx=True)
     b = s.buf(length=4)
 
     def complete(n):
@@ -274,9 +303,9 @@ def test_interrupt_suppression_with_event_idx():
     assert s.q.should_notify()
 
 
-def test_interrupt_event_idx_across_the_wrap():
-    s = Setup(size=4, event_idx=True)
-    s.q.used_idx = s.q._signalled_used = 65534
+def test_interrupt_event_idx_across_the_wrap(queue_cls):
+    s = Setup(queue_cls, size=4, event_idx=True)
+    set_used_idx(s.q, 65534)
     s.drv.last_used_idx = 65534
     s.drv.set_used_event(65535)
     b = s.buf(length=4)
@@ -286,8 +315,8 @@ def test_interrupt_event_idx_across_the_wrap():
     assert s.q.should_notify()
 
 
-def test_kick_suppression_without_event_idx():
-    s = Setup()
+def test_kick_suppression_without_event_idx(queue_cls):
+    s = Setup(queue_cls)
     b = s.buf(length=4)
     s.drv.add([b], publish=False)
     assert s.drv.kick()
@@ -300,8 +329,8 @@ def test_kick_suppression_without_event_idx():
     assert s.drv.kick()
 
 
-def test_kick_suppression_with_event_idx():
-    s = Setup(event_idx=True)
+def test_kick_suppression_with_event_idx(queue_cls):
+    s = Setup(queue_cls, event_idx=True)
     s.drv.event_idx = True
     b = s.buf(length=4)
     s.drv.add([b], publish=False)
@@ -321,8 +350,8 @@ def test_kick_suppression_with_event_idx():
     assert s.drv.kick()
 
 
-def test_enable_notifications_reports_a_chain_added_while_disabled():
-    s = Setup()
+def test_enable_notifications_reports_a_chain_added_while_disabled(queue_cls):
+    s = Setup(queue_cls)
     s.q.disable_notifications()
     s.drv.add([s.buf(length=4)])
     assert s.q.enable_notifications() is True
@@ -519,9 +548,9 @@ HOSTILE = _hostile_cases()
 
 @pytest.mark.parametrize("event_idx", [False, True])
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_chain_raises_and_writes_nothing(name, event_idx):
+def test_hostile_chain_raises_and_writes_nothing(name, event_idx, queue_cls):
     kwargs, make = HOSTILE[name]
-    s = Setup(event_idx=event_idx, **kwargs)
+    s = Setup(queue_cls, event_idx=event_idx, **kwargs)
     s.mem.write(0x8000, bytes(range(256)) * 4)    # recognisable buffer contents
     make(s)
     before = s.snapshot()
@@ -534,22 +563,22 @@ def test_hostile_chain_raises_and_writes_nothing(name, event_idx):
     assert s.snapshot() == before
 
 
-def test_indirect_table_of_queue_size_entries_is_accepted():
+def test_indirect_table_of_queue_size_entries_is_accepted(queue_cls):
     """Linux fills an indirect table with up to seg_max + 2 entries; with
     seg_max = size - 2 that is exactly the queue size, plus the table pointer."""
-    s = Setup(size=16, indirect=True, indirect_max=16)
+    s = Setup(queue_cls, size=16, indirect=True, indirect_max=16)
     bufs = [s.buf(length=8) for _ in range(16)]
     head = s.drv.add(bufs[:1], bufs[1:], indirect=True)
     c = s.q.pop()
     assert (c.head, len(c.readable), len(c.writable)) == (head, 1, 15)
 
 
-def test_chain_over_4_gib_in_total():
+def test_chain_over_4_gib_in_total(queue_cls):
     size = 3 << 30                                # anonymous, untouched: costs no RAM
     mem = GuestMemory(size)                       # (the queue's views keep it mapped)
     alloc = GuestAllocator(mem, 0x1000, 0x100000)
     drv = DriverQueue(mem, 8, alloc)
-    q = SplitQueue(mem, 8, *drv.addresses, event_idx=False, indirect=False)
+    q = queue_cls(mem, 8, *drv.addresses, event_idx=False, indirect=False)
     drv.add([(0x100000, 0x8000_0000), (0x100000, 0x8000_0000)])   # exactly 2^32: allowed
     assert q.pop().readable_len == 1 << 32
     drv.add([(0x100000, 0x8000_0000), (0x100000, 0x8000_0000), (0x100000, 1)])
@@ -557,8 +586,8 @@ def test_chain_over_4_gib_in_total():
         q.pop()
 
 
-def test_good_chain_before_a_bad_one_is_still_served():
-    s = Setup()
+def test_good_chain_before_a_bad_one_is_still_served(queue_cls):
+    s = Setup(queue_cls)
     good = s.buf(b"ok")
     head = s.drv.add([good])
     s.drv.write_desc(5, MEM, 4)
@@ -570,10 +599,10 @@ def test_good_chain_before_a_bad_one_is_still_served():
     assert s.drv.used() == [(head, 0)]
 
 
-def test_descriptor_is_read_once():
+def test_descriptor_is_read_once(queue_cls):
     """The device copies each descriptor once: a driver rewriting it after the
     pop cannot move a checked buffer out of RAM."""
-    s = Setup()
+    s = Setup(queue_cls)
     a = s.buf(b"abcd")
     s.drv.add([a])
     c = s.q.pop()
@@ -593,12 +622,12 @@ def _check_chain(mem, chain, size):
 
 
 @pytest.mark.parametrize("event_idx,indirect", [(False, False), (True, True)])
-def test_fuzz_rings_with_random_bytes(event_idx, indirect):
+def test_fuzz_rings_with_random_bytes(event_idx, indirect, queue_cls):
     rng = random.Random(0x5EED + event_idx)
     size = 8
     popped = errors = 0
     for iteration in range(2000):
-        s = Setup(size, event_idx=event_idx, indirect=indirect, mem_size=FUZZ_MEM)
+        s = Setup(queue_cls, size, event_idx=event_idx, indirect=indirect, mem_size=FUZZ_MEM)
         d = s.drv
         table = s.alloc.alloc(8 * 16)
         mode = iteration % 3
