@@ -10,6 +10,8 @@ for C code that drives the queue itself (the virtio-blk engine): ``kvq``
 """
 from __future__ import annotations
 
+import struct
+
 from kvmkit.plugin_api import Chain, VirtqueueError
 
 from kvmkit_native._native import ffi, lib
@@ -18,6 +20,8 @@ __all__ = ["NativeSplitQueue"]
 
 _U32_MAX = 0xFFFF_FFFF
 _U64_MAX = (1 << 64) - 1
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 
 class NativeSplitQueue:
@@ -110,6 +114,29 @@ class NativeSplitQueue:
         if not 0 <= written <= _U32_MAX:
             raise ValueError(f"written length {written} does not fit the used element")
         lib.kvq_push(self.kvq, head, written)
+
+    def push_many(self, elements) -> None:
+        """Return several ``(head, written)`` chains with one update of used.idx
+        (the driver sees all of them or none); nothing is written if one
+        element is invalid."""
+        elements = list(elements)
+        for head, written in elements:
+            if not 0 <= head < self.size:
+                raise ValueError(f"head {head} is not a descriptor index of this queue")
+            if not 0 <= written <= _U32_MAX:
+                raise ValueError(f"written length {written} does not fit the used element")
+        ring = ffi.buffer(self.kvq.used, 4 + 8 * self.size)
+        if not elements:                   # SplitQueue rewrites used.idx all the same
+            _U16.pack_into(ring, 2, self.kvq.used_idx)
+            return
+        # All but the last element go into the ring unpublished; kvq_push then
+        # writes the last one and publishes the lot with its release store.
+        idx = self.kvq.used_idx
+        for head, written in elements[:-1]:
+            _USED_ELEM.pack_into(ring, 4 + 8 * (idx % self.size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.kvq.used_idx = idx
+        lib.kvq_push(self.kvq, *elements[-1])
 
     def should_notify(self) -> bool:
         return bool(lib.kvq_should_notify(self.kvq))

@@ -27,6 +27,7 @@ MEM = 64 << 10
 TOP = 1 << 64
 NEXT, WRITE, INDIRECT = 1, 2, 4
 CASES = 6000
+PUSH_MANY = hasattr(SplitQueue, "push_many")
 
 LAYOUTS = {
     "one": (Region(0, MEM, 0),),
@@ -170,15 +171,21 @@ class Case:
             flags &= ~NEXT
         return struct.pack("<QIHH", self.place(length, 1, 0.02) % TOP, length, flags, nxt)
 
+    def used_element(self, size: int, valid: float) -> tuple[int, int]:
+        """(head, written) for push, invalid with probability 1 - ``valid``."""
+        rng = self.rng
+        if rng.random() < valid:
+            return rng.randrange(size), rng.choice([0, 1, 512, 0xFFFF_FFFF])
+        return rng.choice([(rng.choice([-1, size, 1 << 16]), 0), (0, rng.choice([1 << 32, -1]))])
+
     def operation(self, size: int):
         rng = self.rng
-        kind = rng.choices(["pop", "push", "notify", "disable", "enable", "has", "poke"],
-                           [6, 4, 2, 1, 1, 1, 2])[0]
+        kind = rng.choices(["pop", "push", "push_many", "notify", "disable", "enable", "has",
+                            "poke"], [6, 4, 2 * PUSH_MANY, 2, 1, 1, 1, 2])[0]
+        if kind == "push_many":
+            return kind, [self.used_element(size, 0.99) for _ in range(rng.randrange(size + 2))]
         if kind == "push":
-            head = rng.randrange(size) if rng.random() < 0.9 else rng.choice([-1, size, 1 << 16])
-            written = rng.choice([0, 1, 512, 0xFFFF_FFFF]) if rng.random() < 0.9 \
-                else rng.choice([1 << 32, -1])
-            return kind, head, written
+            return (kind, *self.used_element(size, 0.9))
         if kind == "poke":                 # the driver changes memory between two calls
             if rng.random() < 0.5:         # it publishes more chains (or jumps ahead)
                 return "publish", rng.choice([1, 1, 2, size, size + 1])
@@ -204,6 +211,8 @@ def run(queue_cls, case: Case):
                 result = c and (c.head, c.readable, c.writable, c.readable_len, c.writable_len)
             elif op[0] == "push":
                 result = q.push(op[1], op[2])
+            elif op[0] == "push_many":
+                result = q.push_many(op[1])
             elif op[0] == "notify":
                 result = q.should_notify()
             elif op[0] == "disable":
