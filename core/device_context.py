@@ -18,6 +18,7 @@ class DeviceContext:
         self.lock = threading.RLock()
         self.log = logging.getLogger(f"kvmkit.device.{name}")
         self.threads: list[threading.Thread] = []
+        self.pausables: list = []        # objects with pause()/resume(), called while the VM pauses
 
     def add_io(self, space: str, base: int, size: int, handler) -> None:
         bus = {PIO: self._machine.pio, MMIO: self._machine.mmio}.get(space)
@@ -28,11 +29,18 @@ class DeviceContext:
     def irq(self, gsi: int):
         return self._machine.irq(gsi)
 
-    def add_virtio(self, device):
-        """Put a virtio device model behind the virtio-pci transport."""
+    def add_virtio(self, device, queue: str = "auto"):
+        """Put a virtio device model behind the virtio-pci transport, its queues
+        run by the queue backend ``queue`` names."""
+        from .virtio.backends import BackendError, resolve
         from .virtio.runtime import VirtioPciRuntime
-        runtime = VirtioPciRuntime(self._machine, self, device)
+        try:
+            backend = resolve(queue, self.name)
+        except BackendError as e:
+            raise DeviceError(str(e)) from None
+        runtime = VirtioPciRuntime(self._machine, self, device, backend)
         self._machine.virtio.append(runtime)
+        self.pausables.append(runtime)
         return runtime
 
     def add_pci(self, config, bars) -> int:

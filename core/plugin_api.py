@@ -53,6 +53,7 @@ __all__ = [
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "ConfigSpace", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
+    "QUEUE_KEY",
 ]
 
 PIO = "pio"
@@ -137,6 +138,14 @@ class Key:
     def type_name(self) -> str:
         return {int: "int", bool: "bool", str: "string", float: "float", Path: "path",
                 Size: "size", list: "list of strings"}.get(self.type, self.type.__name__)
+
+
+# The key every virtio device kind takes: which queue backend runs its
+# virtqueues (entry-point group ``kvmkit.queues``).  Pass its value on:
+# ``ctx.add_virtio(model, queue=config["queue"])``.
+QUEUE_KEY_DOC = ('which backend runs the virtqueues: "auto" (native when kvmkit-native is '
+                 'installed, else python), "native" (in C; needs kvmkit-native) or "python"')
+QUEUE_KEY = Key("queue", str, "auto", QUEUE_KEY_DOC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,9 +248,11 @@ class DeviceContext(Protocol):
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line ``gsi`` (ISA IRQs 0-15 are GSIs 0-15)."""
 
-    def add_virtio(self, device: "VirtioDevice") -> object:
+    def add_virtio(self, device: "VirtioDevice", queue: str = "auto") -> object:
         """Put a :class:`VirtioDevice` model on the PCI bus behind the
-        virtio-pci transport; the core runs its queues on a worker thread."""
+        virtio-pci transport; the core runs its queues on a worker thread.
+        ``queue`` names the queue backend (the device's ``queue`` key, see
+        :data:`QUEUE_KEY`); an unknown or missing one raises DeviceError."""
 
     def add_pci(self, config: "ConfigSpace", bars: Mapping[int, IoHandler]) -> int:
         """Put a plain PCI function on bus 0: the core assigns its BARs in the

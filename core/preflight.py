@@ -16,6 +16,7 @@ from .boot import bzimage, elf
 from .boot.errors import BootError
 from .config import ConfigError, MachineConfig, validate_device
 from .plugin_api import DeviceConfig
+from .virtio.backends import BackendError, resolve as resolve_queue_backend
 from .plugins import LoadedKind, load_kinds, new_manager
 
 
@@ -25,10 +26,13 @@ class CheckedMachine:
     kernel_format: str                           # "ELF vmlinux" or "bzImage"
     devices: tuple[DeviceConfig, ...]
     kinds: dict[str, LoadedKind]
+    queues: tuple[str | None, ...] = ()          # per device: its queue backend's name
 
     def summary(self) -> str:
         c = self.config
-        devices = ", ".join(d.kind for d in self.devices) or "none"
+        devices = ", ".join(d.kind + (f" ({q} queues)" if q else "")
+                            for d, q in zip(self.devices, self.queues or [None] * len(self.devices))
+                            ) or "none"
         return (f"{c.name}: {c.vcpus} vCPU{'s' if c.vcpus != 1 else ''}, "
                 f"{format_size(c.memory)} memory, {self.kernel_format} kernel, devices: {devices}")
 
@@ -55,7 +59,21 @@ def check_machine(config: MachineConfig, pm=None) -> CheckedMachine:
         if kernel.initrd.stat().st_size == 0:
             raise ConfigError(f"{where}: [kernel] initrd: {kernel.initrd} is empty")
     fmt = kernel_format(where, kernel.image)
-    return CheckedMachine(config, fmt, devices, loaded)
+    return CheckedMachine(config, fmt, devices, loaded, _queue_backends(config, devices))
+
+
+def _queue_backends(config: MachineConfig, devices) -> tuple[str | None, ...]:
+    """Resolve each virtio device's ``queue`` key (a missing backend is an error)."""
+    names = []
+    for table, device in zip(config.devices, devices):
+        if "queue" not in device:
+            names.append(None)
+            continue
+        try:
+            names.append(resolve_queue_backend(device["queue"], f"{table.where}: queue").name)
+        except BackendError as e:
+            raise ConfigError(str(e)) from None
+    return tuple(names)
 
 
 def _check_readable(where: str, key: str, path: Path) -> None:

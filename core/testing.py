@@ -100,6 +100,7 @@ class FakeContext:
         self.irqs: dict[int, FakeIrqLine] = {}
         self.stop_requests: list[tuple[str, int]] = []
         self.virtio: list[Any] = []
+        self.queue_backends: list[Any] = []                # the backend of each add_virtio
         self.pci: list[tuple[Any, dict]] = []              # (ConfigSpace, {bar: handler})
         self.shutdown_handlers: list[Callable[[], None]] = []
         self.threads: list[threading.Thread] = []
@@ -122,9 +123,14 @@ class FakeContext:
             bus.add(base, size, handler, self.lock, self.name)
         self.io[space].append((base, size, handler))
 
-    def add_virtio(self, device) -> None:
+    def add_virtio(self, device, queue: str = "auto") -> None:
         """Record a virtio device model (the real context puts it on a
-        virtio-pci function)."""
+        virtio-pci function); ``queue`` must name an installed backend."""
+        from .virtio.backends import BackendError, resolve
+        try:
+            self.queue_backends.append(resolve(queue, self.name))
+        except BackendError as e:
+            raise DeviceError(str(e)) from None
         self.virtio.append(device)
 
     def add_pci(self, config, bars) -> int:

@@ -69,8 +69,11 @@ class VirtioPciTransport:
                  set_intx: Callable[[bool], None] | None = None,
                  kick: Callable[[int], None] | None = None,
                  on_vector_change: Callable[[int], None] | None = None,
-                 on_msix_control: Callable[[bool, bool], None] | None = None):
+                 on_msix_control: Callable[[bool, bool], None] | None = None,
+                 queue_factory: Callable[..., object] = SplitQueue):
         self.device = device
+        self.queue_factory = queue_factory     # a queue backend's split_queue
+        self.isr_sources: list[Callable[[], int]] = []   # read-and-clear ISR bits set elsewhere (C)
         self.memory = memory
         self.deliver = deliver or (lambda vector, address, data: None)
         self._set_intx = set_intx or (lambda level: None)
@@ -128,6 +131,8 @@ class VirtioPciTransport:
             return self._common_read(off, size)
         if region == ISR:
             value, self.isr = self.isr, 0          # reading ISR clears it and deasserts INTx
+            for take in self.isr_sources:
+                value |= take()
             self.set_intx(False)
             return value if off == 0 else 0
         if region == DEVICE:
@@ -221,14 +226,14 @@ class VirtioPciTransport:
     def _activate(self) -> None:
         event_idx = bool(self.driver_features >> VIRTIO_F_RING_EVENT_IDX & 1)
         indirect = bool(self.driver_features >> VIRTIO_F_RING_INDIRECT_DESC & 1)
-        active: list[SplitQueue | None] = []
+        active: list = []
         for i, q in enumerate(self.queues):
             if not q.enabled:
                 active.append(None)
                 continue
             try:
-                active.append(SplitQueue(self.memory, q.size, q.desc, q.driver, q.device,
-                                         event_idx=event_idx, indirect=indirect))
+                active.append(self.queue_factory(self.memory, q.size, q.desc, q.driver, q.device,
+                                                 event_idx=event_idx, indirect=indirect))
             except VirtqueueError as e:
                 log.warning("virtio device %d: queue %d unusable: %s", self.device.device_id, i, e)
                 self.needs_reset()
