@@ -116,8 +116,14 @@ class Machine:
         locks = [ctx.lock for ctx, _device in self.devices]
         for lock in locks:
             lock.acquire()
+        # Threads that never take a device lock (C queue engines) pause here.
+        pausables = [p for ctx, _device in self.devices for p in getattr(ctx, "pausables", ())]
+        for p in pausables:
+            p.pause()
         held.set()
         self.running.wait()                    # resume() or a stop
+        for p in reversed(pausables):
+            p.resume()
         for lock in reversed(locks):
             lock.release()
 

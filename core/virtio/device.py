@@ -76,6 +76,15 @@ class VirtioDevice:
 
     _wake = None
 
+    # Set by the core when the device is put on the transport: the queue
+    # backend that builds ``self.queues`` (kvmkit.virtio.backends), and the
+    # runtime, through which a model may hand a queue to an engine of that
+    # backend that runs it by itself (``host.wiring(i)``, ``host.offload(i,
+    # engine)``, ``host.release(i)``; see kvmkit.virtio.runtime).  Both stay
+    # None outside a VM (unit tests), where the model serves its queues itself.
+    queue_backend = None
+    host = None
+
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self, queues: list, driver_features: int) -> None:
         """The driver set DRIVER_OK.  ``queues`` holds a SplitQueue (or None
