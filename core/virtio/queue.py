@@ -321,6 +321,23 @@ class SplitQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(self._used, 2, self.used_idx)
 
+    def push_many(self, elements) -> None:
+        """Return several ``(head, written)`` chains with one update of used.idx,
+        so the driver sees all of them or none (virtio-net's mergeable receive
+        buffers need that).  Nothing is written if one element is invalid."""
+        elements = list(elements)
+        for head, written in elements:
+            if not 0 <= head < self.size:
+                raise ValueError(f"head {head} is not a descriptor index of this queue")
+            if not 0 <= written <= 0xFFFF_FFFF:
+                raise ValueError(f"written length {written} does not fit the used element")
+        idx = self.used_idx
+        for head, written in elements:
+            _USED_ELEM.pack_into(self._used, 4 + 8 * (idx % self.size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(self._used, 2, idx)
+
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for the elements pushed since
         the last call (used_event with EVENT_IDX, else avail.flags)."""

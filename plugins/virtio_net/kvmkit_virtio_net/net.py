@@ -33,7 +33,6 @@ from kvmkit.plugin_api import VirtioDevice
 from . import protocol as p
 from .checksum import complete_checksum
 from .mac import format_mac
-from .used import push_together
 
 __all__ = ["VirtioNet", "QUEUE_SIZES", "PENDING_LIMIT", "STAT_NAMES"]
 
@@ -299,7 +298,7 @@ class VirtioNet(VirtioDevice):
                 return True                              # the buffer waits for the next frame
             used = held[:1]
         header = p.HDR.pack(*fields, len(used))
-        push_together(queue, self._scatter(mem, used, header, frame))
+        queue.push_many(self._scatter(mem, used, header, frame))
         del held[:len(used)]
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += len(frame)

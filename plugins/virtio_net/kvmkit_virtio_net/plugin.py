@@ -1,7 +1,8 @@
 """kvmkit plugin: the ``virtio-net`` device kind."""
 from __future__ import annotations
 
-from kvmkit.plugin_api import DeviceConfig, DeviceContext, DeviceError, DevicePlugin, DeviceSpec, Key
+from kvmkit.plugin_api import (QUEUE_KEY, DeviceConfig, DeviceContext, DeviceError, DevicePlugin,
+                               DeviceSpec, Key)
 
 from .forward import parse_forwards
 from .mac import default_mac, format_mac, parse_mac
@@ -32,6 +33,7 @@ SPEC = DeviceSpec(
             "user only: host-to-guest port forwards, each \"PROTO:[HOSTADDR]:HOSTPORT-"
             "[GUESTADDR]:GUESTPORT\" (e.g. \"tcp:127.0.0.1:2222-:22\"); an empty HOSTADDR is "
             "127.0.0.1, an empty GUESTADDR the guest's DHCP address"),
+        QUEUE_KEY,
     ),
 )
 
@@ -99,7 +101,7 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioNet:
     backend = make_backend(config, ctx)
     try:
         model = VirtioNet(backend, mac=mac, mtu=config["mtu"], log=ctx.log, name=ctx.name)
-        ctx.add_virtio(model)
+        ctx.add_virtio(model, queue=config["queue"])
     except BaseException:
         backend.close()
         raise

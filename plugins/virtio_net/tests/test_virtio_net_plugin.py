@@ -30,7 +30,7 @@ def create(ctx, **values):
 
 def test_spec_keys():
     keys = {k.name: k for k in SPEC.keys}
-    assert list(keys) == ["backend", "mac", "mtu", "ifname", "create", "forward"]
+    assert list(keys) == ["backend", "mac", "mtu", "ifname", "create", "forward", "queue"]
     assert (keys["backend"].default, keys["backend"].choices) == ("user", ("user", "tap"))
     assert (keys["mtu"].type, keys["mtu"].default, keys["mtu"].min, keys["mtu"].max) == \
         (int, 1500, 68, 65535)
@@ -131,7 +131,7 @@ def test_backend_is_released_when_the_transport_refuses_the_device():
         port = probe.getsockname()[1]
 
     class Refusing(FakeContext):
-        def add_virtio(self, device):
+        def add_virtio(self, device, queue="auto"):
             raise DeviceError("no PCI slot left")
 
     with Refusing() as ctx:

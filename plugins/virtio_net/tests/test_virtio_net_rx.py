@@ -10,7 +10,6 @@ from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
 from kvmkit.virtio.queue import SplitQueue, VirtqueueError
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net.net import PENDING_LIMIT, VirtioNet
-from kvmkit_virtio_net.used import push_together
 
 BASE = VirtioNet.BASE_FEATURES
 NO_MRG = BASE & ~p.bits(p.F_MRG_RXBUF)
@@ -82,12 +81,12 @@ def test_all_buffers_of_a_frame_appear_with_one_used_idx_update():
         drv.add([], [(0x8000, 16)])
     chains = [queue.pop() for _ in range(5)]
     queue.push(chains[0].head, 1)
-    queue.push = None                            # push_together must not publish one by one
-    push_together(queue, [(c.head, 10 + i) for i, c in enumerate(chains[1:4])])
+    queue.push = None                            # push_many must not publish one by one
+    queue.push_many([(c.head, 10 + i) for i, c in enumerate(chains[1:4])])
     assert drv.used_idx == 4 and queue.used_idx == 4
     assert drv.used() == [(chains[0].head, 1)] + [(c.head, 10 + i) for i, c in enumerate(chains[1:4])]
     with pytest.raises(ValueError):
-        push_together(queue, [(0, 1), (8, 1)])
+        queue.push_many([(0, 1), (8, 1)])
     assert drv.used_idx == 4
 
 
