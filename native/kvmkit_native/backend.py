@@ -1,0 +1,33 @@
+"""The ``native`` entry of the ``kvmkit.queues`` group."""
+from __future__ import annotations
+
+import importlib.metadata
+
+from .blk import BlkEngine
+from .queue import NativeSplitQueue
+
+__all__ = ["NativeQueues", "backend"]
+
+try:
+    _VERSION = importlib.metadata.version("kvmkit-native")
+except importlib.metadata.PackageNotFoundError:      # run from a source tree
+    _VERSION = "source"
+
+
+class NativeQueues:
+    name = "native"
+    description = f"split virtqueue in C, virtio-blk data path on a C thread (kvmkit-native {_VERSION})"
+
+    def split_queue(self, memory, size, desc, avail, used, *, event_idx, indirect):
+        return NativeSplitQueue(memory, size, desc, avail, used, event_idx=event_idx,
+                                indirect=indirect)
+
+    def blk_engine(self, queue, **kwargs) -> BlkEngine | None:
+        """virtio-blk's whole data path for ``queue`` on a C thread (keywords:
+        see BlkEngine); None when ``queue`` is not one of this backend's."""
+        if not isinstance(queue, NativeSplitQueue):
+            return None
+        return BlkEngine(queue, **kwargs)
+
+
+backend = NativeQueues()
