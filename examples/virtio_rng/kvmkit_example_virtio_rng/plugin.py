@@ -7,7 +7,7 @@ worker thread.
 """
 from __future__ import annotations
 
-from kvmkit.plugin_api import DeviceConfig, DeviceContext, DevicePlugin, DeviceSpec, Key
+from kvmkit.plugin_api import QUEUE_KEY, DeviceConfig, DeviceContext, DevicePlugin, DeviceSpec, Key
 
 from .rng import VirtioRng
 
@@ -20,13 +20,14 @@ SPEC = DeviceSpec(
         Key("max_bytes_per_request", int, 4096,
             "most random bytes one guest request gets (a larger buffer is filled only this far)",
             min=1, max=1 << 20),
+        QUEUE_KEY,
     ),
 )
 
 
 def create(config: DeviceConfig, ctx: DeviceContext) -> VirtioRng:
     model = VirtioRng(max_bytes=config["max_bytes_per_request"], log=ctx.log)
-    ctx.add_virtio(model)
+    ctx.add_virtio(model, queue=config["queue"])
     return model
 
 

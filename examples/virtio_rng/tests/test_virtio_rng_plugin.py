@@ -18,8 +18,9 @@ def create(ctx, **values):
 
 
 def test_spec():
-    [key] = SPEC.keys
+    key, queue = SPEC.keys
     assert (SPEC.kind, key.name, key.type, key.default) == ("virtio-rng", "max_bytes_per_request", int, 4096)
+    assert (queue.name, queue.default) == ("queue", "auto")
 
 
 def test_creates_a_virtio_device_and_no_io_ranges(device_context):

@@ -11,6 +11,11 @@ disk, or a host I/O error completes with VIRTIO_BLK_S_IOERR; an unknown type
 with VIRTIO_BLK_S_UNSUPP.  A chain that breaks the ring rules is different:
 the queue raises :class:`~kvmkit.plugin_api.VirtqueueError`, which
 ``process`` lets through for the transport to set DEVICE_NEEDS_RESET.
+
+When the queue backend offers ``blk_engine`` (kvmkit-native) and the backend
+is a host file, the whole data path runs on that engine's C thread instead of
+``process``: kicks, IN/OUT/FLUSH and interrupts never reach Python, and the
+requests the engine leaves to Python come back through ``_serve``.
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ class VirtioBlk(VirtioDevice):
         self.log = log or logging.getLogger(__name__)
         self.capacity = backend.size() // p.SECTOR
         self._writethrough = False
+        self.engine = None                  # the queue backend's C data path, while active
         features = ((1 << p.F_SIZE_MAX) | (1 << p.F_SEG_MAX) | (1 << p.F_BLK_SIZE)
                     | (1 << p.F_FLUSH))
         if self.readonly:
@@ -98,14 +104,45 @@ class VirtioBlk(VirtioDevice):
         # 5.2.6.2: with FLUSH offered but not negotiated (and no CONFIG_WCE), a
         # write must be stable when it completes.
         self._writethrough = not self.negotiated(p.F_FLUSH)
+        self._start_engine()
+
+    def _start_engine(self) -> None:
+        make = getattr(self.queue_backend, "blk_engine", None)
+        fd = getattr(self.backend, "fileno", None)     # a host file (FileBackend) has one
+        queue = self.queues[0] if self.queues else None
+        if make is None or not isinstance(fd, int) or fd < 0 or self.host is None or queue is None:
+            return
+        wiring = self.host.wiring(0)
+        mem = queue.memory
+        try:
+            engine = make(queue, image_fd=fd, capacity=self.capacity,
+                          readonly=self.readonly, writethrough=self._writethrough,
+                          direct_align=self.backend.block_size if getattr(self.backend, "direct", False) else 0,
+                          kick_fd=wiring.kick_fd, irq_fd=wiring.irq_fd,
+                          resample_fd=wiring.resample_fd,
+                          on_request=lambda chain: self._serve(mem, chain))
+        except OSError as e:
+            self.log.warning("virtio-blk: the %s queue engine did not start (%s); "
+                             "serving the queue in Python", self.queue_backend.name, e)
+            return
+        if engine is not None:
+            self.engine = engine
+            self.host.offload(0, engine)
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None:
+            self.host.release(0)
+            self.engine.stop()
+            self.engine = None
 
     def reset(self) -> None:
+        self._stop_engine()
         super().reset()
         self._writethrough = False
 
     def process(self, index: int) -> None:
         queue = self.queues[index] if 0 <= index < len(self.queues) else None
-        if queue is None:
+        if queue is None or self.engine is not None:
             return
         mem = queue.memory
         while True:
@@ -116,6 +153,7 @@ class VirtioBlk(VirtioDevice):
                 return
 
     def close(self) -> None:
+        self._stop_engine()
         self.backend.close()
 
     # -- requests ----------------------------------------------------------------------

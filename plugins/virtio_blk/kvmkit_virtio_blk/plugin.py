@@ -5,7 +5,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from kvmkit.plugin_api import DeviceConfig, DeviceContext, DeviceError, DevicePlugin, DeviceSpec, Key
+from kvmkit.plugin_api import (QUEUE_KEY, DeviceConfig, DeviceContext, DeviceError, DevicePlugin,
+                               DeviceSpec, Key)
 
 from .backend import FileBackend
 from .blk import VirtioBlk
@@ -29,6 +30,7 @@ SPEC = DeviceSpec(
             choices=("writeback", "none")),
         Key("discard", bool, True,
             "offer DISCARD and WRITE_ZEROES (hole punching) to the guest"),
+        QUEUE_KEY,
     ),
 )
 
@@ -70,7 +72,7 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioBlk:
             ctx.log.warning("%s: %s is not writable; the guest sees a read-only disk",
                             ctx.name, path)
         model = VirtioBlk(backend, serial=serial, discard=config["discard"], log=ctx.log)
-        ctx.add_virtio(model)
+        ctx.add_virtio(model, queue=config["queue"])
     except BaseException:
         backend.close()
         raise

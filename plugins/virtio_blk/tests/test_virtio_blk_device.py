@@ -168,7 +168,10 @@ def test_event_idx_queue(image, driver):
         d = driver(dev, event_idx=True)
         assert d.read(0, 512) == (p.S_OK, contents[:512])
         assert d.drv.avail_event == d.drv.avail_idx   # the device asked for the next kick
-        assert d.queue.should_notify()
+        if d.host:                                    # the engine interrupted by itself
+            assert d.host.interrupts() == 1
+        else:
+            assert d.queue.should_notify()
     finally:
         dev.close()
 
@@ -177,11 +180,9 @@ def test_event_idx_queue(image, driver):
 
 def test_flush_calls_fdatasync_on_the_image(blk, monkeypatch):
     d, dev, path, _ = blk
-    calls = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    syncs = d.fdatasyncs(monkeypatch)
     assert d.flush() == p.S_OK
-    assert calls == [dev.backend.fileno]
+    assert syncs() == 1
 
 
 def test_flush_with_data_is_an_error(blk):
@@ -437,7 +438,7 @@ def test_broken_ring_raises_from_process_after_serving_earlier_requests(blk):
     d.drv.write_desc(200, 1 << 40, 16)            # a descriptor outside guest RAM
     d.drv.submit_head(200)
     with pytest.raises(VirtqueueError):
-        dev.process(0)
+        d.run()
     assert dict(d.drv.used()) == {good.head: 513}
     assert d.status(good) == p.S_OK
 
@@ -489,17 +490,15 @@ def test_write_through_when_flush_is_not_negotiated(image, driver, monkeypatch):
     dev = disk(path)
     try:
         d = driver(dev, features=bit(VIRTIO_F_VERSION_1) | bit(p.F_WRITE_ZEROES))
-        syncs = []
-        real = os.fdatasync
-        monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+        syncs = d.fdatasyncs(monkeypatch)
         assert d.write(0, bytes(512)) == p.S_OK
-        assert syncs == [dev.backend.fileno]
+        assert syncs() == 1
         assert d.discard_like(p.T_WRITE_ZEROES, (0, 1, 0)) == p.S_OK
-        assert len(syncs) == 2
+        assert syncs() == 2
         dev.reset()
         d2 = driver(dev)                          # renegotiated with FLUSH
-        syncs.clear()
+        syncs = d2.fdatasyncs(monkeypatch)
         assert d2.write(0, bytes(512)) == p.S_OK
-        assert syncs == []
+        assert syncs() == 0
     finally:
         dev.close()

@@ -18,7 +18,7 @@ def create(ctx, **values):
 
 def test_spec_keys():
     keys = {k.name: k for k in SPEC.keys}
-    assert list(keys) == ["path", "readonly", "serial", "cache", "discard"]
+    assert list(keys) == ["path", "readonly", "serial", "cache", "discard", "queue"]
     assert keys["path"].type is Path and keys["path"].required
     assert (keys["readonly"].type, keys["readonly"].default) == (bool, False)
     assert (keys["serial"].type, keys["serial"].default) == (str, None)
@@ -108,7 +108,7 @@ def test_missing_image_names_the_path(tmp_path):
 
 def test_image_is_released_when_the_transport_refuses_the_device(image):
     class Refusing(FakeContext):
-        def add_virtio(self, device):
+        def add_virtio(self, device, queue="auto"):
             raise DeviceError("no PCI slot left")
 
     with Refusing() as ctx:
