@@ -27,7 +27,8 @@
 struct kvq_region {
     uint64_t gpa;       /* guest-physical start */
     uint64_t size;
-    uint8_t *hva;       /* where it is mapped in this process */
+    uint8_t *hva;       /* where it is mapped in this process, aligned like gpa (mod 8)
+                         * so that avail.idx and used.idx can be accessed atomically */
 };
 
 struct kvq_mem {
