@@ -47,6 +47,8 @@ class NativeSplitQueue:
             self.mem.regions[i].gpa = r.gpa
             self.mem.regions[i].size = r.size
             self.mem.regions[i].hva = self._host + r.offset
+            if (int(ffi.cast("uintptr_t", self.mem.regions[i].hva)) - r.gpa) % 8:
+                raise ValueError(f"RAM region {r} is not mapped 8-byte aligned like its address")
         self.kvq = ffi.new("struct kvq *")
         if lib.kvq_init(self.kvq, self.mem, size, desc, avail, used,
                         bool(event_idx), bool(indirect)) < 0:
