@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
-"""virtio-blk through the pure-Python virtqueue, against plain system calls.
+"""virtio-blk through the Python queue and the native queue, against raw system calls.
 
 The harness plays the guest driver with kvmkit's virtqueue driver model: a
 GuestMemory (an anonymous mapping, as in a VM), a VirtioBlk on a temporary
 raw image on disk, requests written into guest memory (header, data buffer,
 status byte; one indirect descriptor each, EVENT_IDX on, as Linux drives
-it), then ``process(0)`` and ``should_notify()`` called as the transport's
-notify path would.  Only the device side is timed (process + should_notify):
-the driver model's own Python work stands in for the guest kernel's and is
-left out.  Next to it, in the same run, plain ``os.pread``/``os.pwrite`` of
-the same file, block sizes and offsets.
+it).  Only the device side is timed; the driver model's own Python work
+stands in for the guest kernel's and is left out:
+
+* python: ``process(0)`` and ``should_notify()`` as the transport's notify
+  path calls them, on the pure-Python SplitQueue;
+* native: kvmkit-native's C engine on its own thread, timed two ways: the
+  engine's own busy time (its ``busy_ns`` counter: pop, I/O, used ring,
+  interrupt; the same span the python path times), and wall time from the
+  write to the queue's kick eventfd until the engine's interrupt eventfd
+  says every request is done (used_event asks for one interrupt per batch),
+  which adds waking two threads once per notification;
+* raw: a C loop of pread/pwrite (bench/raw_io.py) on the same file, block
+  sizes and offsets, one request at a time, cycling through as many buffers
+  as the queue has requests in flight (the same memory footprint).
 
 The image is written in full before the runs, so reads come from the host
 page cache (cache = writeback): the numbers are the per-request CPU cost of
@@ -24,6 +33,7 @@ import argparse
 import mmap
 import os
 import random
+import select
 import tempfile
 import time
 
@@ -32,12 +42,14 @@ from kvmkit.plugin_api import Size
 from kvmkit.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
                                   VIRTIO_F_VERSION_1)
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
-from kvmkit.virtio.queue import SplitQueue
+from kvmkit.virtio.backends import resolve
+from kvmkit.virtio.runtime import QueueWiring
 from kvmkit_virtio_blk import protocol as p
 from kvmkit_virtio_blk.backend import FileBackend
 from kvmkit_virtio_blk.blk import QUEUE_SIZE, VirtioBlk
 
 from machine_info import describe  # bench/ is on sys.path when run as a script
+from raw_io import load as load_raw_io
 
 CASES = (                       # name, block size, random offsets?, write?
     ("4K random read", 4096, True, False),
@@ -83,23 +95,51 @@ def offsets(size: int, bs: int, rand: bool, seed: int):
         i += 1
 
 
+class EngineHost:
+    """What the core runtime gives an engine: a kick eventfd and an interrupt eventfd."""
+
+    def __init__(self):
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.engine = None
+
+    def wiring(self, index):
+        return QueueWiring(self.kick_fd, self.irq_fd, -1, True)
+
+    def offload(self, index, engine):
+        self.engine = engine
+
+    def release(self, index):
+        self.engine = None
+
+    def close(self):
+        os.close(self.kick_fd)
+        os.close(self.irq_fd)
+
+
 class QueueRig:
     """The guest side: ``depth`` request slots in guest memory, each a header,
     a data buffer and a status byte named by one indirect descriptor."""
 
-    def __init__(self, dev: VirtioBlk, depth: int, bs: int, direct_aligned: bool):
+    def __init__(self, dev: VirtioBlk, depth: int, bs: int, queues: str):
         self.mem = GuestMemory(GUEST_RAM)
         rings = GuestAllocator(self.mem, 0x1000, 0x100000)
         self.alloc = GuestAllocator(self.mem, 0x100000)
         self.drv = DriverQueue(self.mem, QUEUE_SIZE, rings, indirect_max=4, event_idx=True)
-        self.queue = SplitQueue(self.mem, QUEUE_SIZE, *self.drv.addresses,
-                                event_idx=True, indirect=True)
+        backend = resolve(queues, f"--queues {queues}")
+        self.host = EngineHost() if queues == "native" else None
+        dev.queue_backend, dev.host = backend, self.host
+        self.queue = backend.split_queue(self.mem, QUEUE_SIZE, *self.drv.addresses,
+                                         event_idx=True, indirect=True)
         features = (dev.features | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX)
                     | (1 << VIRTIO_F_RING_INDIRECT_DESC))
         dev.activate([self.queue], features)
         self.dev = dev
         self.bs = bs
-        self.slots = [(self.alloc.alloc(16, 16), self.alloc.alloc(bs, 4096 if direct_aligned else 512),
+        self.wall = 0.0                     # native: kick -> all used, summed
+        self.engine_busy = 0.0              # native: the engine's busy_ns as last read
+        # Data buffers are page-aligned, as a Linux guest's bio pages are.
+        self.slots = [(self.alloc.alloc(16, 16), self.alloc.alloc(bs, 4096),
                        self.alloc.alloc(1, 1)) for _ in range(depth)]
 
     def batch(self, kind: int, offs) -> float:
@@ -112,10 +152,23 @@ class QueueRig:
             else:
                 drv.add([(hdr, 16)], [(data, self.bs), (status, 1)], indirect=True, publish=False)
         drv.kick()
-        t0 = time.perf_counter()
-        self.dev.process(0)                 # what the transport's notify() does
-        self.queue.should_notify()
-        elapsed = time.perf_counter() - t0
+        if self.host is not None:
+            target = drv.avail_idx
+            drv.set_used_event((target - 1) & 0xFFFF)   # interrupt me when the batch is done
+            t0 = time.perf_counter()
+            os.eventfd_write(self.host.kick_fd, 1)     # the guest's notification
+            while drv.used_idx != target:              # sleep until the engine's interrupt
+                if not select.select([self.host.irq_fd], [], [], 10)[0]:
+                    raise RuntimeError("the native engine did not complete the batch")
+                os.eventfd_read(self.host.irq_fd)
+            self.wall += time.perf_counter() - t0
+            busy = self.dev.engine.stats()["busy_ns"] / 1e9
+            elapsed, self.engine_busy = busy - self.engine_busy, busy
+        else:
+            t0 = time.perf_counter()
+            self.dev.process(0)                 # what the transport's notify() does
+            self.queue.should_notify()
+            elapsed = time.perf_counter() - t0
         used = drv.used()
         if len(used) != len(self.slots):
             raise RuntimeError(f"{len(used)} of {len(self.slots)} requests completed")
@@ -126,54 +179,54 @@ class QueueRig:
 
 
 def run_queue(path: str, size: int, bs: int, rand: bool, write: bool, depth: int,
-              seconds: float, direct: bool) -> tuple[int, float]:
+              seconds: float, direct: bool, queues: str) -> tuple[int, float, float]:
+    """(requests, device-side seconds, wall seconds from kick to done)."""
     dev = VirtioBlk(FileBackend(path, direct=direct), serial="bench")
+    rig = None
     try:
-        rig = QueueRig(dev, depth, bs, direct)
+        rig = QueueRig(dev, depth, bs, queues)
         offs = offsets(size, bs, rand, seed=bs + write)
         kind = p.T_OUT if write else p.T_IN
         rig.batch(kind, offs)                                   # warm up
+        rig.wall = 0.0
         requests, busy = 0, 0.0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             busy += rig.batch(kind, offs)
             requests += depth
-        return requests, busy
+        if queues == "native" and dev.engine is None:
+            raise RuntimeError("the native engine did not start")
+        return requests, busy, rig.wall or busy
     finally:
         dev.close()
+        if rig is not None and rig.host is not None:
+            rig.host.close()
 
 
-def run_plain(path: str, size: int, bs: int, rand: bool, write: bool, seconds: float,
-              direct: bool) -> tuple[int, float]:
+def run_raw(path: str, size: int, bs: int, rand: bool, write: bool, seconds: float,
+            direct: bool, depth: int) -> tuple[int, float]:
+    ffi, lib = load_raw_io()
     fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
-    buf = mmap.mmap(-1, bs)                                   # page-aligned, as O_DIRECT needs
-    buf.write(random.Random(2).randbytes(bs))
-    view = memoryview(buf)
     offs = offsets(size, bs, rand, seed=bs + write)
+    chunk = 4096
+    bufs = mmap.mmap(-1, bs * depth)
+    bufs.write(random.Random(2).randbytes(bs) * depth)
+    cbufs = ffi.from_buffer(bufs)
     try:
-        requests = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        if write:
-            while time.perf_counter() < deadline:
-                for _ in range(64):
-                    os.pwrite(fd, view, next(offs))
-                requests += 64
-        elif direct:                                          # pread's own buffer is unaligned
-            while time.perf_counter() < deadline:
-                for _ in range(64):
-                    os.preadv(fd, [view], next(offs))
-                requests += 64
-        else:
-            while time.perf_counter() < deadline:
-                for _ in range(64):
-                    os.pread(fd, bs, next(offs))
-                requests += 64
-        return requests, time.perf_counter() - start
+        requests, spent = 0, 0.0
+        while spent < seconds:
+            table = ffi.new("int64_t[]", [next(offs) for _ in range(chunk)])
+            t0 = time.perf_counter()
+            done = lib.raw_loop(fd, ffi.cast("char *", cbufs), depth, bs, table, chunk, int(write))
+            spent += time.perf_counter() - t0
+            if done != chunk:
+                raise RuntimeError(f"raw {'pwrite' if write else 'pread'} failed")
+            requests += chunk
+        return requests, spent
     finally:
         os.close(fd)
-        view.release()
-        buf.close()
+        del cbufs
+        bufs.close()
 
 
 def main() -> None:
@@ -190,27 +243,47 @@ def main() -> None:
     if not 1 <= args.depth <= QUEUE_SIZE:
         ap.error(f"--depth must be 1..{QUEUE_SIZE}")
 
+    try:
+        resolve("native", "bench")
+        native = True
+    except Exception as e:
+        print(f"(no native column: {e})")
+        native = False
     print(describe())
     print(f"image: {size >> 20} MiB in {args.dir}, {filesystem_of(os.path.realpath(args.dir))}; "
           f"cache = {args.cache}; {args.depth} requests per notification; "
           f"{args.seconds:g} s per case and path")
     path = make_image(args.dir, size)
+    paths = ["python", "native", "native wall", "raw"] if native else ["python", "raw"]
     try:
-        header = (f"{'case':22} {'queue MB/s':>11} {'queue IOPS':>11} {'us/req':>7}   "
-                  f"{'plain MB/s':>11} {'plain IOPS':>11} {'us/req':>7}   {'queue/plain':>11}")
+        header = f"{'case':22}" + "".join(f" {name:>12}" for name in paths) + "   (IOPS)"
+        header += "  native/python  native/raw" if native else "  python/raw"
         print()
         print(header)
         print("-" * len(header))
         for name, bs, rand, write in CASES:
-            qn, qt = run_queue(path, size, bs, rand, write, args.depth, args.seconds, direct)
-            pn, pt = run_plain(path, size, bs, rand, write, args.seconds, direct)
-            q_iops, p_iops = qn / qt, pn / pt
-            print(f"{name:22} {q_iops * bs / 1e6:11.1f} {q_iops:11.0f} {1e6 / q_iops:7.1f}   "
-                  f"{p_iops * bs / 1e6:11.1f} {p_iops:11.0f} {1e6 / p_iops:7.1f}   "
-                  f"{q_iops / p_iops:10.0%}")
+            iops = {}
+            n, t = run_queue(path, size, bs, rand, write, args.depth, args.seconds, direct,
+                             "python")[:2]
+            iops["python"] = n / t
+            if native:
+                n, busy, wall = run_queue(path, size, bs, rand, write, args.depth, args.seconds,
+                                          direct, "native")
+                iops["native"], iops["native wall"] = n / busy, n / wall
+            n, t = run_raw(path, size, bs, rand, write, args.seconds, direct, args.depth)
+            iops["raw"] = n / t
+            line = f"{name:22}" + "".join(f" {iops[k]:12.0f}" for k in paths) + "        "
+            if native:
+                line += (f"  {iops['native'] / iops['python']:12.1f}x"
+                         f"  {iops['native'] / iops['raw']:9.0%}")
+            else:
+                line += f"  {iops['python'] / iops['raw']:10.0%}"
+            print(line + f"   ({bs >> 10} KiB: " + ", ".join(
+                f"{k} {iops[k] * bs / 1e6:.0f} MB/s" for k in paths) + ")", flush=True)
         print()
-        print("queue: VirtioBlk.process + should_notify time only (driver model excluded); "
-              "plain: os.pread/os.pwrite loop")
+        print("python: VirtioBlk.process + should_notify; native: the C engine's busy time; "
+              "native wall: kick eventfd -> used.idx (adds the thread wake-up); raw: C "
+              "pread/pwrite loop, one request at a time")
     finally:
         os.unlink(path)
 

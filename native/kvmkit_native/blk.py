@@ -78,7 +78,7 @@ class BlkEngine:
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct kvblk_stats *")
         lib.kvblk_get_stats(self._engine, s)
-        return {k: getattr(s, k) for k in ("requests", "deferred", "io_errors", "interrupts", "syncs")}
+        return {k: getattr(s, k) for k in ("requests", "deferred", "io_errors", "interrupts", "syncs", "busy_ns")}
 
     def stop(self) -> None:
         if self._engine is not None:

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SECTOR 512u
@@ -293,11 +294,19 @@ static void defer(struct kvblk *b, const struct kvq_chain *c)
     signal_fd(b->event_fd);
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* Serve everything available; called with the lock held. */
 static void process(struct kvblk *b)
 {
     struct kvq *q = b->q;
     int rc = 0;
+    uint64_t start = now_ns();
     do {
         kvq_disable_notifications(q);
         uint32_t written;
@@ -314,6 +323,7 @@ static void process(struct kvblk *b)
         snprintf(b->broken, sizeof b->broken, "%s", q->error[0] ? q->error : "queue broken");
         signal_fd(b->event_fd);
     }
+    b->stats.busy_ns += now_ns() - start;
 }
 
 /* -- the thread ------------------------------------------------------------------------- */

@@ -32,6 +32,7 @@ struct kvblk_stats {
     uint64_t io_errors;         /* completed with VIRTIO_BLK_S_IOERR after a host error */
     uint64_t interrupts;        /* irqfd writes */
     uint64_t syncs;             /* fdatasync calls */
+    uint64_t busy_ns;           /* time the thread spent serving the queue (not waiting) */
 };
 
 struct kvblk;
