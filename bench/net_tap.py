@@ -25,8 +25,10 @@ receive   a sender process inside the namespace writes frames to the tap's
           ``process(0)`` only.  What the device could not keep up with, the
           tap drops (its tx_dropped).
 
-Queue backends: the pure-Python queue (the native queue, kvmkit issue 4, is
-not written yet: its row will be added when it is).
+Queue backends: every case runs on the pure-Python queue and, when
+kvmkit-native is installed, on the native queue (descriptor chains parsed
+and checked, used elements returned, in C; the frames are moved by the same
+Python model), each with a fresh device on the same tap.
 
     sudo .venv/bin/python bench/net_tap.py [--seconds 5] [--depth 64]
 """
@@ -43,7 +45,7 @@ import time
 from kvmkit.memory import GuestMemory
 from kvmkit.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
-from kvmkit.virtio.queue import SplitQueue
+from kvmkit.virtio.backends import BackendError, resolve
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net.backends import TapBackend
 from kvmkit_virtio_net.net import QUEUE_SIZES, VirtioNet
@@ -102,7 +104,7 @@ def ipv4_tso(size: int) -> tuple[bytes, p.NetHeader]:
 class Rig:
     """The guest side of one VirtioNet on a tap in ``ns``."""
 
-    def __init__(self, ns: NetNamespace):
+    def __init__(self, ns: NetNamespace, queues: str):
         self.ns = ns
         self.threads: list[threading.Thread] = []
         tap = ns.call(open_tap, IFNAME)
@@ -113,7 +115,8 @@ class Rig:
         rings = GuestAllocator(self.mem, 0x1000, 0x100000)
         self.alloc = GuestAllocator(self.mem, 0x100000)
         self.drv = [DriverQueue(self.mem, n, rings, event_idx=True) for n in QUEUE_SIZES]
-        self.queues = [SplitQueue(self.mem, n, *d.addresses, event_idx=True, indirect=False)
+        backend = resolve(queues, f"queue {queues}")
+        self.queues = [backend.split_queue(self.mem, n, *d.addresses, event_idx=True, indirect=False)
                        for n, d in zip(QUEUE_SIZES, self.drv)]
         self.rx_buffers: dict[int, int] = {}     # receive chain head -> its buffer
         self.rx_ready = threading.Event()
@@ -204,37 +207,48 @@ def main() -> None:
         sys.exit(f"net_tap: needs a network namespace: {why}")
     logging.basicConfig(level=logging.ERROR)
     print(describe())
-    print(f"queue backend: pure Python (native: not written yet); {args.seconds:g} s per case\n")
+    backends = ["python"]
+    try:
+        resolve("native", "bench")
+        backends.append("native")
+    except BackendError as e:
+        print(f"(native queue not measured: {e})")
+    print(f"queue backends: {', '.join(backends)}; {args.seconds:g} s per case\n")
+    tx_cases = [(ipv4_udp(60), p.NetHeader(), "60-byte"),
+                (ipv4_udp(1514), p.NetHeader(), "1514-byte"),
+                (*ipv4_tso(65014), "65014-byte TSO (gso_size 1448)")]
+    tx_rows, rx_rows = [], []
     with NetNamespace("kvmkit-b") as ns:
         ns.ip("tuntap", "add", "dev", IFNAME, "mode", "tap")
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", IFNAME)
         ns.ip("link", "set", IFNAME, "up")
-        rig = Rig(ns)
-        try:
-            print(f"transmit, {args.depth} chains per notification; rates per second of "
-                  "device time (process + should_notify)")
-            print("| frames | frames/s | Mbit/s | µs/frame |")
-            print("| --- | ---: | ---: | ---: |")
-            cases = [(ipv4_udp(60), p.NetHeader(), "60-byte"),
-                     (ipv4_udp(1514), p.NetHeader(), "1514-byte"),
-                     (*ipv4_tso(65014), "65014-byte TSO (gso_size 1448)")]
-            for frame, hdr, name in cases:
-                frames, busy = rig.transmit(frame, hdr, args.depth, args.seconds)
-                pps = frames / busy
-                print(f"| {name} | {pps:,.0f} | {pps * len(frame) * 8 / 1e6:,.0f} | "
-                      f"{busy / frames * 1e6:.1f} |", flush=True)
-            print("\nreceive, 256 mergeable buffers of 1526 bytes; rates per second of wall "
-                  "time (tap thread, process(0) and the harness's buffer refills)")
-            print("| frames | frames/s | Mbit/s | process(0) µs/frame | offered/s | dropped by the tap |")
-            print("| --- | ---: | ---: | ---: | ---: | ---: |")
-            for size in (60, 1514):
-                frames, wall, busy, sent, dropped = rig.receive(size, args.seconds)
-                pps = frames / wall
-                print(f"| {size}-byte | {pps:,.0f} | {pps * size * 8 / 1e6:,.0f} | "
-                      f"{busy / frames * 1e6:.1f} | {sent / wall:,.0f} | {dropped:,} |", flush=True)
-        finally:
-            rig.close()
-
+        for queues in backends:
+            rig = Rig(ns, queues)
+            try:
+                for frame, hdr, name in tx_cases:
+                    frames, busy = rig.transmit(frame, hdr, args.depth, args.seconds)
+                    pps = frames / busy
+                    tx_rows.append(f"| {name} | {queues} | {pps:,.0f} | "
+                                   f"{pps * len(frame) * 8 / 1e6:,.0f} | {busy / frames * 1e6:.1f} |")
+                for size in (60, 1514):
+                    frames, wall, busy, sent, dropped = rig.receive(size, args.seconds)
+                    pps = frames / wall
+                    rx_rows.append(f"| {size}-byte | {queues} | {pps:,.0f} | "
+                                   f"{pps * size * 8 / 1e6:,.0f} | {busy / frames * 1e6:.1f} | "
+                                   f"{sent / wall:,.0f} | {dropped:,} |")
+            finally:
+                rig.close()
+    print(f"transmit, {args.depth} chains per notification; rates per second of "
+          "device time (process + should_notify)")
+    print("| frames | queue | frames/s | Mbit/s | µs/frame |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    print("\n".join(sorted(tx_rows, key=lambda r: [c for c in tx_cases if f"| {c[2]} |" in r]
+                           and tx_cases.index(next(c for c in tx_cases if f"| {c[2]} |" in r)))))
+    print("\nreceive, 256 mergeable buffers of 1526 bytes; rates per second of wall "
+          "time (tap thread, process(0) and the harness's buffer refills)")
+    print("| frames | queue | frames/s | Mbit/s | process(0) µs/frame | offered/s | dropped by the tap |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(sorted(rx_rows, key=lambda r: int(r.split("-byte")[0].strip("| ")))))
 
 if __name__ == "__main__":
     main()
