@@ -5,6 +5,9 @@ an unclean end) mounted read-write, and a second disk with an MBR partition
 table written here on the host.  Boot 2: a read-only disk given as the rw
 root: the kernel falls back to mounting it read-only.  No initramfs: the
 kernel mounts root= itself and then finds no init, panics, and resets.
+
+Both boots run once per queue backend: the C engine of kvmkit-native (MSI-X
+in boot 1, INTx with a resampling irqfd in boot 2) and the pure-Python queue.
 """
 import struct
 import subprocess
@@ -43,50 +46,65 @@ def machine(path, image, cmdline, disks):
                         extra_devices=[{"kind": "virtio-blk", "path": d, **extra} for d, extra in disks])
 
 
-@pytest.fixture(scope="module")
-def two_disks(guest_kit, tmp_path_factory):
-    d = tmp_path_factory.mktemp("blk")
+BACKENDS = ("native", "python")
+
+
+def queue_param(request) -> str:
+    if request.param == "native":
+        pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
+    return request.param
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def two_disks(guest_kit, tmp_path_factory, request):
+    queue = queue_param(request)
+    d = tmp_path_factory.mktemp(f"blk-{queue}")
     root, data = d / "root.img", d / "data.img"
     make_ext4(root, 64, "kvmkit-root")
     make_partitioned(data, 32, [(2048, 16384, 0x83), (18432, 43008, 0x83)])
     m = machine(d / "two.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw",
-                [(root, {}), (data, {})])
+                [(root, {"queue": queue}), (data, {"queue": queue})])
     started = time.time()
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
-    return result, root, started
+    return result, root, started, queue
+
+
+def test_queue_backend_is_the_one_asked_for(two_disks):
+    result, _, _, queue = two_disks
+    assert result.stderr.count(f"virtqueues: {queue} (") == 2, result.describe()
 
 
 def test_disk_sizes(two_disks):
-    result, _, _ = two_disks
+    result, *_ = two_disks
     assert result.find(r"virtio_blk virtio\d+: \[vda\] 131072 512-byte logical blocks"), result.describe()
     assert result.find(r"virtio_blk virtio\d+: \[vdb\] 65536 512-byte logical blocks"), result.describe()
 
 
 def test_partitions_read_from_the_host_made_table(two_disks):
-    result, _, _ = two_disks
+    result, *_ = two_disks
     assert result.find(r"^\[[ \d.]+\]\s+vdb: vdb1 vdb2\s*$"), result.describe()
 
 
 def test_ext4_root_mounted_read_write(two_disks):
-    result, _, _ = two_disks
+    result, *_ = two_disks
     assert result.find(r"EXT4-fs \(vda\): mounted filesystem"), result.describe()
     assert result.find(r"VFS: Mounted root \(ext4 filesystem\) on device"), result.describe()
     assert not result.find(r"Mounted root .* readonly")
 
 
 def test_guest_ends_with_reset(two_disks):
-    result, _, _ = two_disks
+    result, *_ = two_disks
     assert result.returncode == 0, result.describe()
 
 
 def test_interrupts_went_through_msix(two_disks):
-    result, _, _ = two_disks
+    result, *_ = two_disks
     assert "virtio-blk.0: MSI-X enabled" in result.stderr, result.stderr
 
 
 def test_image_is_consistent_and_records_the_guest_mount(two_disks):
-    _, root, started = two_disks
+    _, root, started, _ = two_disks
     check = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     header = subprocess.run(["dumpe2fs", "-h", str(root)], capture_output=True, text=True).stdout
@@ -96,15 +114,17 @@ def test_image_is_consistent_and_records_the_guest_mount(two_disks):
     assert mounted >= started - 120            # the guest's RTC-derived clock, within slack
 
 
-@pytest.fixture(scope="module")
-def readonly_root(guest_kit, tmp_path_factory):
-    d = tmp_path_factory.mktemp("blk-ro")
+@pytest.fixture(scope="module", params=BACKENDS)
+def readonly_root(guest_kit, tmp_path_factory, request):
+    queue = queue_param(request)
+    d = tmp_path_factory.mktemp(f"blk-ro-{queue}")
     root = d / "ro.img"
     make_ext4(root, 32, "kvmkit-ro")
     before = root.read_bytes()
     # pci=nomsi: this boot exercises the INTx path (ISR status + level interrupt)
     m = machine(d / "ro.toml", guest_kit["SMALL_VMLINUX"],
-                "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw pci=nomsi", [(root, {"readonly": True})])
+                "console=ttyS0 panic=-1 reboot=k root=/dev/vda rw pci=nomsi",
+                [(root, {"readonly": True, "queue": queue})])
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
     return result, root, before
