@@ -226,3 +226,39 @@ def test_plugins_markdown_marks_required_keys_and_choices(capsys):
     _, out, _ = run(capsys, "plugins", "--markdown", "virtio-blk")
     assert "| `path` | path | required |" in out
     assert "(one of `writeback`, `none`) |" in out
+
+
+# -- queue backends ---------------------------------------------------------------------------
+@pytest.fixture
+def virtio_blk_machine(machine, tmp_path):
+    pytest.importorskip("kvmkit_virtio_blk", reason="kvmkit-virtio-blk is not installed")
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+
+    def make(queue=None):
+        line = f'queue = "{queue}"\n' if queue else ""
+        return machine(f'[[device]]\nkind = "virtio-blk"\npath = "disk.img"\n{line}')
+    return make
+
+
+def test_check_names_each_virtio_devices_queue_backend(virtio_blk_machine, capsys):
+    from kvmkit.virtio.backends import resolve
+    auto = resolve("auto", "test").name
+    for queue, shown in ((None, auto), ("auto", auto), ("python", "python")):
+        code, out, _ = run(capsys, "check", str(virtio_blk_machine(queue)))
+        assert code == 0 and out.endswith(f"devices: virtio-blk ({shown} queues)\n"), out
+
+
+def test_check_native_queue_without_kvmkit_native_is_one_line(virtio_blk_machine, capsys,
+                                                               monkeypatch):
+    from kvmkit.virtio import backends
+    monkeypatch.setattr(backends, "_entry_points", lambda: {})       # not installed
+    code, _, err = run(capsys, "check", str(virtio_blk_machine("native")))
+    assert code == 2
+    one_error(err, "device[0] (virtio-blk): queue", '"native"', "not installed",
+              "pip install ./native", 'queue = "python"')
+
+
+def test_check_unknown_queue_backend_lists_the_installed_ones(virtio_blk_machine, capsys):
+    code, _, err = run(capsys, "check", str(virtio_blk_machine("turbo")))
+    assert code == 2
+    one_error(err, "queue = 'turbo' is not an installed queue backend", "python")
