@@ -102,6 +102,7 @@ class VirtioPciRuntime:
             vector = self.transport.queues[index].vector
             if msix.enabled and vector != NO_VECTOR:
                 engine.set_masked(msix.function_masked or msix.vector(vector).masked)
+
     def _deliver(self, index: int, address: int, data: int) -> None:
         # The route already follows the table: _route ran when the entry was
         # unmasked or changed (before any message of it can be delivered).
