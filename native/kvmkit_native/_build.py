@@ -7,8 +7,8 @@ from cffi import FFI
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 _REL = os.path.relpath(SRC)             # setuptools wants paths relative to setup.py
-HEADERS = ("vq.h", "blk.h")
-SOURCES = ("vq.c", "blk.c")
+HEADERS = ("vq.h", "irq.h", "blk.h", "net.h")
+SOURCES = ("vq.c", "irq.c", "blk.c", "net.c")
 
 
 def _declarations() -> str:
@@ -27,7 +27,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_declarations())
 ffibuilder.set_source(
     "kvmkit_native._native",
-    '#include "vq.h"\n#include "blk.h"\n',
+    "".join(f'#include "{h}"\n' for h in HEADERS),
     sources=[os.path.join(_REL, s) for s in SOURCES],
     include_dirs=[_REL],
     depends=[os.path.join(_REL, h) for h in HEADERS],

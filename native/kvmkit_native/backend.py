@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from .blk import BlkEngine
+from .net import NetTxEngine
 from .queue import NativeSplitQueue
 
 __all__ = ["NativeQueues", "backend"]
@@ -16,7 +17,8 @@ except importlib.metadata.PackageNotFoundError:      # run from a source tree
 
 class NativeQueues:
     name = "native"
-    description = f"split virtqueue in C, virtio-blk data path on a C thread (kvmkit-native {_VERSION})"
+    description = (f"split virtqueue in C, virtio-blk and virtio-net transmit data paths on C threads "
+                   f"(kvmkit-native {_VERSION})")
 
     def split_queue(self, memory, size, desc, avail, used, *, event_idx, indirect):
         return NativeSplitQueue(memory, size, desc, avail, used, event_idx=event_idx,
@@ -28,6 +30,14 @@ class NativeQueues:
         if not isinstance(queue, NativeSplitQueue):
             return None
         return BlkEngine(queue, **kwargs)
+
+    def net_tx_engine(self, queue, **kwargs) -> NetTxEngine | None:
+        """virtio-net's transmit queue ``queue`` to a tap on a C thread
+        (keywords: see NetTxEngine); None when ``queue`` is not one of this
+        backend's."""
+        if not isinstance(queue, NativeSplitQueue):
+            return None
+        return NetTxEngine(queue, **kwargs)
 
 
 backend = NativeQueues()

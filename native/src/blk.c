@@ -1,6 +1,7 @@
 /* virtio-blk's data path in a C thread: see blk.h. */
 #define _GNU_SOURCE
 #include "blk.h"
+#include "irq.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -22,9 +23,6 @@
 #define S_OK 0u
 #define S_IOERR 1u
 
-#define MASKED 1u               /* kvblk.msix bits */
-#define PENDING 2u
-
 struct deferred {               /* a request Python serves */
     struct deferred *next;
     struct kvq_chain chain;     /* bufs point just past this struct */
@@ -39,8 +37,7 @@ struct kvblk {
     int ctl_fd;                 /* eventfd: wakes the thread to pause or stop */
     int event_fd;               /* eventfd: Python has work */
     int stop, pause_req, paused;
-    uint32_t msix;              /* MASKED | PENDING, atomic */
-    uint32_t isr;               /* INTx ISR bits, atomic */
+    struct kvirq irq;           /* the interrupt (irq.c) */
     struct deferred *waiting;   /* popped, not yet taken by Python (oldest first) */
     struct deferred **waiting_tail;
     struct deferred *taken;     /* taken by Python, not yet completed */
@@ -51,58 +48,25 @@ struct kvblk {
     char broken[KVQ_ERROR_LEN];
 };
 
-static void signal_fd(int fd)
-{
-    uint64_t one = 1;
-    if (fd >= 0 && write(fd, &one, sizeof one) < 0 && errno != EAGAIN) {
-        /* an eventfd write fails only when its counter would overflow */
-    }
-}
+#define signal_fd kvirq_signal_fd
+#define drain_fd kvirq_drain_fd
 
-static void drain_fd(int fd)
-{
-    uint64_t value;
-    if (read(fd, &value, sizeof value) < 0) {
-        /* EAGAIN: nothing there */
-    }
-}
-
-/* -- interrupts ------------------------------------------------------------------------ */
+/* -- interrupts (irq.c) ------------------------------------------------------------------ */
 
 static void interrupt(struct kvblk *b)
 {
-    if (b->cfg.irq_fd < 0)
-        return;
-    if (b->cfg.resample_fd >= 0) {              /* INTx: ISR bit, then the level irqfd */
-        __atomic_fetch_or(&b->isr, 1u, __ATOMIC_SEQ_CST);
-    } else {                                    /* MSI-X: pending while masked */
-        uint32_t s = __atomic_load_n(&b->msix, __ATOMIC_SEQ_CST);
-        for (;;) {
-            if (!(s & MASKED))
-                break;
-            if (__atomic_compare_exchange_n(&b->msix, &s, s | PENDING, 0,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-                return;
-        }
-    }
-    b->stats.interrupts++;
-    signal_fd(b->cfg.irq_fd);
+    if (kvirq_raise(&b->irq))
+        b->stats.interrupts++;
 }
 
 void kvblk_set_masked(struct kvblk *b, int masked)
 {
-    if (masked) {
-        __atomic_fetch_or(&b->msix, MASKED, __ATOMIC_SEQ_CST);
-        return;
-    }
-    uint32_t old = __atomic_fetch_and(&b->msix, ~(MASKED | PENDING), __ATOMIC_SEQ_CST);
-    if (old & PENDING && b->cfg.irq_fd >= 0)
-        signal_fd(b->cfg.irq_fd);
+    kvirq_set_masked(&b->irq, masked);
 }
 
 uint32_t kvblk_take_isr(struct kvblk *b)
 {
-    return __atomic_exchange_n(&b->isr, 0u, __ATOMIC_SEQ_CST);
+    return kvirq_take_isr(&b->irq);
 }
 
 /* -- requests ---------------------------------------------------------------------------- */
@@ -356,11 +320,8 @@ static void *run(void *arg)
             drain_fd(b->ctl_fd);
         if (b->stop || b->pause_req)
             continue;                           /* the kick stays counted in its eventfd */
-        if (fds[2].revents & POLLIN) {          /* INTx EOI: still pending? assert again */
-            drain_fd(b->cfg.resample_fd);
-            if (__atomic_load_n(&b->isr, __ATOMIC_SEQ_CST))
-                signal_fd(b->cfg.irq_fd);
-        }
+        if (fds[2].revents & POLLIN)            /* INTx EOI: still pending? assert again */
+            kvirq_resample(&b->irq);
         if (fds[1].revents & POLLIN) {
             drain_fd(b->cfg.kick_fd);
             if (!b->broken[0])
@@ -381,6 +342,8 @@ struct kvblk *kvblk_start(struct kvq *q, const struct kvblk_config *cfg, char *e
     }
     b->q = q;
     b->cfg = *cfg;
+    b->irq.irq_fd = cfg->irq_fd;
+    b->irq.resample_fd = cfg->resample_fd;
     b->waiting_tail = &b->waiting;
     b->chain.bufs = calloc(q->size, sizeof(struct kvq_buf));
     b->iov = calloc(q->size, sizeof(struct iovec));

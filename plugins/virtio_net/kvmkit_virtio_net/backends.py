@@ -156,6 +156,13 @@ class TapBackend(_Threaded):
     def start(self) -> None:
         self._start("tap", self._read_loop)
 
+    @property
+    def tap_fd(self) -> int:
+        """The tap's fd (IFF_VNET_HDR, 12-byte header): a queue engine that
+        transmits by itself (kvmkit-native's) writes frames to it exactly as
+        :meth:`transmit` does."""
+        return self.tap.fd
+
     def transmit(self, hdr: p.NetHeader, views, size: int) -> None:
         os.writev(self.tap.fd, [hdr.pack(), *views])
 

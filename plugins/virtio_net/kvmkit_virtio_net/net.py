@@ -21,6 +21,15 @@ offload nobody negotiated.  The first drop of each kind is logged;
 
 The device never filters by destination address (it offers no
 VIRTIO_NET_F_CTRL_RX): it delivers what the backend gives it.
+
+When the queue backend offers ``net_tx_engine`` (kvmkit-native) and the
+backend is a tap, the transmit queue runs on that engine's C thread instead
+of ``process(1)``: kicks, the header checks, the writev() to the tap and the
+interrupts never reach Python.  The chains the engine does not send (runts,
+bad or unnegotiated offloads, oversize frames, frames the tap refused) come
+back through ``_send``, which counts and logs them as it does on the Python
+path (a refused frame is written once more first); the engine's counters are
+folded into :attr:`stats` whenever it is read.
 """
 from __future__ import annotations
 
@@ -84,7 +93,10 @@ class VirtioNet(VirtioDevice):
         self.mac = bytes(mac)
         self.mtu = mtu
         self.features = self.BASE_FEATURES | (backend.offloads & p.OFFLOADS)
-        self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self._stats = dict.fromkeys(STAT_NAMES, 0)
+        self._stats_lock = threading.Lock()     # folding in the engine's counters
+        self.tx_engine = None                   # the queue backend's C transmit path, while active
+        self._engine_seen: dict[str, int] = {}  # its counters already in _stats
         self._logged: set[str] = set()
         self._pending: collections.deque = collections.deque()
         self._pending_lock = threading.Lock()
@@ -106,10 +118,12 @@ class VirtioNet(VirtioDevice):
         self._rx_valid = (p.HDR_F_DATA_VALID if self.backend.rx_checksums_valid
                           and self.negotiated(p.F_GUEST_CSUM) else 0)
         self.backend.configure(driver_features)
+        self._start_tx_engine()
         if self.pending():
             self.wake(p.RX)
 
     def reset(self) -> None:
+        self._stop_tx_engine()
         super().reset()
         self._held = []
         self.mac = self.default_mac
@@ -127,7 +141,8 @@ class VirtioNet(VirtioDevice):
         if index == p.RX:
             self._receive(queue)
         elif index == p.TX:
-            self._transmit(queue)
+            if self.tx_engine is None:
+                self._transmit(queue)
         elif index == p.CTRL:
             self._control(queue)
 
@@ -135,16 +150,75 @@ class VirtioNet(VirtioDevice):
         self.backend.start()
 
     def close(self) -> None:
+        self._stop_tx_engine()                   # before the tap it writes to is closed
         self.backend.close()
         dropped = {k: v for k, v in self.stats.items()
                    if v and k not in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes")}
         if dropped:
             self.log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in dropped.items()))
 
+    # -- the transmit engine --------------------------------------------------------------
+    def _start_tx_engine(self) -> None:
+        make = getattr(self.queue_backend, "net_tx_engine", None)
+        fd = getattr(self.backend, "tap_fd", None)        # a TapBackend has one
+        queue = self.queues[p.TX] if len(self.queues) > p.TX else None
+        if (make is None or self.host is None or queue is None or not isinstance(fd, int)
+                or fd < 0 or self.tx_engine is not None):
+            return
+        wiring = self.host.wiring(p.TX)
+        mem = queue.memory
+        try:
+            engine = make(queue, tap_fd=fd, features=self.driver_features,
+                          plain_limit=self._plain_limit, gso_limit=p.MAX_GSO_FRAME,
+                          kick_fd=wiring.kick_fd, irq_fd=wiring.irq_fd,
+                          resample_fd=wiring.resample_fd,
+                          on_frame=lambda chain: self._tx_deferred(mem, chain))
+        except OSError as e:
+            self.log.warning("%s: the %s transmit engine did not start (%s); serving the "
+                             "queue in Python", self.name, self.queue_backend.name, e)
+            return
+        if engine is not None:
+            self._engine_seen = {}
+            self.tx_engine = engine
+            self.host.offload(p.TX, engine)
+
+    def _stop_tx_engine(self) -> None:
+        engine = self.tx_engine
+        if engine is None:
+            return
+        self.host.release(p.TX)
+        with self._stats_lock:
+            engine.stop()                            # its final counters stay readable
+            self._fold_engine_stats(engine)
+            self.tx_engine = None
+
+    def _tx_deferred(self, mem, chain) -> None:
+        """A chain the engine left to Python (worker thread, device lock held)."""
+        with self._stats_lock:
+            self._send(mem, chain)
+
+    def _fold_engine_stats(self, engine) -> None:
+        """Add what the engine counted since the last call (with _stats_lock held)."""
+        now = engine.stats()
+        seen, stats = self._engine_seen, self._stats
+        stats["tx_frames"] += now["tx_frames"] - seen.get("tx_frames", 0)
+        stats["tx_bytes"] += now["tx_bytes"] - seen.get("tx_bytes", 0)
+        stats["tx_errors"] += now["dropped"] - seen.get("dropped", 0)
+        self._engine_seen = now
+
     # -- counters -------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters (STAT_NAMES), the transmit engine's included."""
+        if self.tx_engine is not None:
+            with self._stats_lock:
+                if self.tx_engine is not None:
+                    self._fold_engine_stats(self.tx_engine)
+        return self._stats
+
     def count(self, stat: str, detail: str = "") -> None:
         """Count one event; the first of each kind is logged with ``detail``."""
-        self.stats[stat] += 1
+        self._stats[stat] += 1
         if stat in _WHY and stat not in self._logged:
             self._logged.add(stat)
             self.log.warning("%s: %s%s; further ones are only counted (%s)", self.name,
@@ -267,8 +341,8 @@ class VirtioNet(VirtioDevice):
                 view[:p.HDR_SIZE] = p.HDR.pack(*fields, 1)
                 view[p.HDR_SIZE:] = frame
                 queue.push(chain.head, need)
-                self.stats["rx_frames"] += 1
-                self.stats["rx_bytes"] += len(frame)
+                self._stats["rx_frames"] += 1
+                self._stats["rx_bytes"] += len(frame)
                 return True
             held.append(chain)
         if self._mergeable:
@@ -300,8 +374,8 @@ class VirtioNet(VirtioDevice):
         header = p.HDR.pack(*fields, len(used))
         queue.push_many(self._scatter(mem, used, header, frame))
         del held[:len(used)]
-        self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += len(frame)
+        self._stats["rx_frames"] += 1
+        self._stats["rx_bytes"] += len(frame)
         return True
 
     @staticmethod
@@ -389,8 +463,8 @@ class VirtioNet(VirtioDevice):
         except OSError as e:
             self.count("tx_errors", f"the backend could not send it: {e.strerror or e}")
             return
-        self.stats["tx_frames"] += 1
-        self.stats["tx_bytes"] += size
+        self._stats["tx_frames"] += 1
+        self._stats["tx_bytes"] += size
 
     # -- control --------------------------------------------------------------------------
     def _control(self, queue) -> None:
