@@ -9,6 +9,7 @@ kernel mounts root= itself and then finds no init, panics, and resets.
 Both boots run once per queue backend: the C engine of kvmkit-native (MSI-X
 in boot 1, INTx with a resampling irqfd in boot 2) and the pure-Python queue.
 """
+import re
 import struct
 import subprocess
 import time
@@ -73,6 +74,13 @@ def two_disks(guest_kit, tmp_path_factory, request):
 def test_queue_backend_is_the_one_asked_for(two_disks):
     result, _, _, queue = two_disks
     assert result.stderr.count(f"virtqueues: {queue} (") == 2, result.describe()
+    served = [int(n) for n in re.findall(r"the engine served (\d+) requests in C", result.stderr)]
+    if queue == "native":                       # both disks' requests went through the C thread
+        assert result.stderr.count("the request queue runs on the native engine's C thread "
+                                   "(MSI-X)") == 2, result.describe()
+        assert len(served) == 2 and min(served) > 0, result.describe()
+    else:
+        assert not served, result.describe()
 
 
 def test_disk_sizes(two_disks):
@@ -140,6 +148,8 @@ def test_intx_path_without_msi(readonly_root):
     result, _, _ = readonly_root
     assert result.find(r"\[vda\] 65536 512-byte logical blocks"), result.describe()
     assert "MSI-X enabled" not in result.stderr
+    if "virtqueues: native (" in result.stderr:
+        assert "the request queue runs on the native engine's C thread (INTx)" in result.stderr
 
 
 def test_readonly_image_is_untouched(readonly_root):

@@ -220,9 +220,18 @@ def netns():
         yield ns
 
 
-@pytest.fixture(scope="module")
-def tap_boot(guest_kit, netns, tmp_path_factory):
+# The tap boot runs on the native queue (its transmit queue on the C engine),
+# once more with INTx (pci=nomsi: the engine's level irqfd and the Python
+# receive path share the line), and on the pure-Python queue.
+TAP_VARIANTS = [("native", ""), ("native", " pci=nomsi"), ("python", "")]
+
+
+@pytest.fixture(scope="module", params=TAP_VARIANTS, ids=["native", "native-intx", "python"])
+def tap_boot(guest_kit, netns, tmp_path_factory, request):
     from kvmkit_virtio_net.netns import ping
+    queue, extra = request.param
+    if queue == "native":
+        pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
     d = tmp_path_factory.mktemp("net-tap")
     ns = netns
     ns.ip("tuntap", "add", "dev", "kvtap0", "mode", "tap")
@@ -234,9 +243,10 @@ def tap_boot(guest_kit, netns, tmp_path_factory):
     listener.bind((HOST_IP, 6666))
     collector = UdpCollector(listener)
     cmdline = (f"console=ttyS0 panic=-1 ip={GUEST_IP}::{HOST_IP}:255.255.255.0:kvmkit:eth0:off "
-               f"netconsole={NETCONSOLE_SRC_PORT}@{GUEST_IP}/eth0,6666@{HOST_IP}/{host_mac}")
+               f"netconsole={NETCONSOLE_SRC_PORT}@{GUEST_IP}/eth0,6666@{HOST_IP}/{host_mac}{extra}")
     m = machine_file(d, guest_kit["SMALL_VMLINUX"], guest_kit["SPIN_CPIO"], cmdline,
-                     'backend = "tap"\nifname = "kvtap0"\nmac = "52:54:00:4b:56:4d"', name="nettap")
+                     'backend = "tap"\nifname = "kvtap0"\nmac = "52:54:00:4b:56:4d"\n'
+                     f'queue = "{queue}"', name="nettap")
     observed = {}
 
     def checks(proc):
@@ -254,32 +264,44 @@ def tap_boot(guest_kit, netns, tmp_path_factory):
                                 when=r"Run /init as init process", then=checks)
     finally:
         collector.close()
+        ns.ip("link", "del", "kvtap0")        # the next variant makes its own
     print(result.describe())
     print("observed:", observed)
-    return result, collector, observed
+    return result, collector, observed, request.param
+
+
+def test_transmit_runs_where_the_queue_key_says(tap_boot):
+    result, _, _, (queue, extra) = tap_boot
+    engine = re.search(r"the transmit queue runs on the native engine's C thread \((\S+)\)",
+                       result.stderr)
+    if queue == "native":
+        assert engine and engine.group(1) == ("INTx" if "nomsi" in extra else "MSI-X"), \
+            result.describe()
+    else:
+        assert engine is None and "virtqueues: python (" in result.stderr, result.describe()
 
 
 def test_guest_kernel_configures_its_static_address(tap_boot):
-    result, _, _ = tap_boot
+    result, *_ = tap_boot
     assert result.find(rf"device=eth0, hwaddr=52:54:00:4b:56:4d, ipaddr={re.escape(GUEST_IP)}"), \
         result.describe()
 
 
 def test_host_pings_the_guest_kernel_over_the_tap(tap_boot):
-    result, _, observed = tap_boot
+    result, _, observed, _ = tap_boot
     rtts = observed.get("rtts")
     assert rtts and len(rtts) == 3, (observed, result.describe())
 
 
 def test_netconsole_over_the_tap(tap_boot):
-    result, collector, observed = tap_boot
+    result, collector, observed, _ = tap_boot
     assert observed.get("netconsole"), (collector.text()[-2000:], result.describe())
     assert all(peer == (GUEST_IP, NETCONSOLE_SRC_PORT) for _, _, peer in collector.datagrams)
     assert "Run /init as init process" in collector.text()
 
 
 def test_tap_boot_ends_cleanly(tap_boot):
-    result, _, observed = tap_boot
+    result, _, observed, _ = tap_boot
     assert result.returncode == 143, result.describe()
     assert "Traceback" not in result.stderr
     assert "TapBackend('kvtap0')" in result.stderr

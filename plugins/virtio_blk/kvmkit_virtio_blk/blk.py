@@ -128,12 +128,17 @@ class VirtioBlk(VirtioDevice):
         if engine is not None:
             self.engine = engine
             self.host.offload(0, engine)
+            self.log.info("virtio-blk: the request queue runs on the %s engine's C thread (%s)",
+                          self.queue_backend.name, "MSI-X" if wiring.msix else "INTx")
 
     def _stop_engine(self) -> None:
         if self.engine is not None:
             self.host.release(0)
+            stats = self.engine.stats()
             self.engine.stop()
             self.engine = None
+            self.log.info("virtio-blk: the engine served %d requests in C and handed %d to "
+                          "Python", stats["requests"], stats["deferred"])
 
     def reset(self) -> None:
         self._stop_engine()

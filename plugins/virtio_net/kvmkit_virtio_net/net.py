@@ -181,6 +181,8 @@ class VirtioNet(VirtioDevice):
             self._engine_seen = {}
             self.tx_engine = engine
             self.host.offload(p.TX, engine)
+            self.log.info("%s: the transmit queue runs on the %s engine's C thread (%s)",
+                          self.name, self.queue_backend.name, "MSI-X" if wiring.msix else "INTx")
 
     def _stop_tx_engine(self) -> None:
         engine = self.tx_engine
