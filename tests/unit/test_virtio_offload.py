@@ -111,3 +111,25 @@ def test_pause_reaches_engines_including_one_offloaded_while_paused(runtime):
     assert first.calls[-1] == "resume"
     for e in (first, second):
         os.close(e.event_fd)
+
+
+def test_machine_pause_pauses_what_never_takes_a_device_lock():
+    import threading
+    from kvmkit.machine import Machine
+    calls = []
+    runtime = types.SimpleNamespace(pause=lambda: calls.append("pause"),
+                                    resume=lambda: calls.append("resume"))
+    ctx = types.SimpleNamespace(lock=threading.RLock(), pausables=[runtime])
+    m = Machine.__new__(Machine)                         # only what pausing uses
+    m.devices, m.running = [(ctx, object())], threading.Event()
+    held = threading.Event()
+    pauser = threading.Thread(target=m._hold_devices, args=(held,))
+    pauser.start()
+    assert held.wait(5)
+    assert calls == ["pause"]
+    assert not ctx.lock.acquire(blocking=False)          # the device lock is held too
+    m.running.set()                                      # resume
+    pauser.join(5)
+    assert calls == ["pause", "resume"]
+    assert ctx.lock.acquire(blocking=False)
+    ctx.lock.release()
