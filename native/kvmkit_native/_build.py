@@ -7,8 +7,8 @@ from cffi import FFI
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 _REL = os.path.relpath(SRC)             # setuptools wants paths relative to setup.py
-HEADERS = ("vq.h", "irq.h", "blk.h", "net.h")
-SOURCES = ("vq.c", "irq.c", "blk.c", "net.c")
+HEADERS = ("vq.h", "irq.h", "engine.h", "blk.h", "net.h")
+SOURCES = ("vq.c", "irq.c", "engine.c", "blk.c", "net.c")
 
 
 def _declarations() -> str:

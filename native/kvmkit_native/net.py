@@ -14,77 +14,35 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kvmkit.plugin_api import Chain, VirtqueueError
+from kvmkit.plugin_api import Chain
 
 from ._native import ffi, lib
-from .blk import chain_of
+from .engine import QueueEngine
 from .queue import NativeSplitQueue
 
 __all__ = ["NetTxEngine", "STAT_NAMES"]
 
-_BATCH = 64
-_ERR = 256
 STAT_NAMES = ("tx_frames", "tx_bytes", "deferred", "write_errors", "dropped", "interrupts",
               "busy_ns")
 
 
-class NetTxEngine:
+class NetTxEngine(QueueEngine):
+    _start_fn = lib.kvnet_tx_start
+    _stats_fn = lib.kvnet_tx_get_stats
+    _stats_type = "struct kvnet_tx_stats *"
+    _stat_names = STAT_NAMES
+
     def __init__(self, queue: NativeSplitQueue, *, tap_fd: int, features: int, plain_limit: int,
                  gso_limit: int, kick_fd: int, irq_fd: int, resample_fd: int,
                  on_frame: Callable[[Chain], None]):
-        self.queue = queue                       # the engine's kvq lives in it
         self.on_frame = on_frame
-        config = ffi.new("struct kvnet_tx_config *", {
+        super().__init__(queue, ffi.new("struct kvnet_tx_config *", {
             "tap_fd": tap_fd, "features": features, "plain_limit": plain_limit,
             "gso_limit": gso_limit, "kick_fd": kick_fd, "irq_fd": irq_fd,
-            "resample_fd": resample_fd})
-        err = ffi.new("char[]", _ERR)
-        engine = lib.kvnet_tx_start(queue.kvq, config, err, _ERR)
-        if engine == ffi.NULL:
-            raise OSError(ffi.string(err).decode(errors="replace"))
-        self._engine = engine
-        self._chains = ffi.new("struct kvq_chain[]", _BATCH)
-        self._stats = ffi.new("struct kvnet_tx_stats *")
-        self.event_fd = lib.kvnet_tx_event_fd(engine)
+            "resample_fd": resample_fd}))
 
-    def service(self) -> None:
-        """Hand the deferred chains to ``on_frame`` and return them; raise
-        VirtqueueError once the queue broke."""
-        while True:
-            n = lib.kvnet_tx_take_deferred(self._engine, self._chains, _BATCH)
-            for i in range(n):
-                chain = chain_of(self._chains[i])
-                try:
-                    self.on_frame(chain)
-                finally:
-                    lib.kvnet_tx_complete(self._engine, chain.head)
-            if n < _BATCH:
-                break
-        msg = ffi.new("char[]", _ERR)
-        if lib.kvnet_tx_broken(self._engine, msg, _ERR):
-            raise VirtqueueError(ffi.string(msg).decode(errors="replace"))
-
-    def pause(self) -> None:
-        lib.kvnet_tx_pause(self._engine)
-
-    def resume(self) -> None:
-        lib.kvnet_tx_resume(self._engine)
-
-    def set_masked(self, masked: bool) -> None:
-        lib.kvnet_tx_set_masked(self._engine, int(masked))
-
-    def take_isr(self) -> int:
-        return lib.kvnet_tx_take_isr(self._engine)
-
-    def stats(self) -> dict[str, int]:
-        """The engine's counters (after stop: their final values)."""
-        s = self._stats
-        if self._engine is not None:
-            lib.kvnet_tx_get_stats(self._engine, s)
-        return {k: getattr(s, k) for k in STAT_NAMES}
-
-    def stop(self) -> None:
-        if self._engine is not None:
-            lib.kvnet_tx_get_stats(self._engine, self._stats)
-            lib.kvnet_tx_stop(self._engine)
-            self._engine = None
+    def _deferred(self, chain: Chain) -> None:
+        try:
+            self.on_frame(chain)
+        finally:
+            self._complete(chain.head, 0)

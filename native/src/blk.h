@@ -1,19 +1,16 @@
-/* virtio-blk's data path in a C thread (virtio 1.2, section 5.2).
+/* virtio-blk's data path on a queue engine (engine.h; virtio 1.2, section 5.2).
  *
- * The thread waits on the queue's ioeventfd, pops chains from the kvq, serves
- * IN, OUT and FLUSH with preadv/pwritev/fdatasync on the image, pushes used
- * elements and signals the interrupt: an MSI-X irqfd (left pending while the
- * vector is masked), or with INTx the ISR bit and a resampling irqfd.  It
- * never takes the GIL.  Requests it does not serve (other types, or buffers
- * O_DIRECT cannot take) are handed to Python: kvblk_event_fd() becomes
- * readable, Python takes them with kvblk_take_deferred(), serves them and
- * returns them with kvblk_complete().  A chain that breaks the ring rules
- * stops the queue and is reported the same way (kvblk_broken()).
+ * The engine's thread serves IN, OUT and FLUSH with preadv/pwritev/fdatasync
+ * on the image; it may block in that I/O, holding the engine's lock.  It
+ * leaves to Python the requests it does not serve (other types, or buffers
+ * O_DIRECT cannot take): Python gets them through the kveng_* calls and
+ * completes them with kveng_complete(e, head, written).  When more requests
+ * are outstanding than the queue has entries, one is failed with IOERR.
  */
 #ifndef KVMKIT_BLK_H
 #define KVMKIT_BLK_H
 
-#include "vq.h"
+#include "engine.h"
 
 struct kvblk_config {
     int image_fd;
@@ -35,33 +32,10 @@ struct kvblk_stats {
     uint64_t busy_ns;           /* time the thread spent serving the queue (not waiting) */
 };
 
-struct kvblk;
-
-/* Start the thread on ``q`` (already set up; the engine owns it until stop).
+/* Start the engine on ``q`` (already set up; the engine owns it until kveng_stop).
  * NULL with a message in err on failure. */
-struct kvblk *kvblk_start(struct kvq *q, const struct kvblk_config *cfg, char *err, size_t errlen);
-/* Stop and join the thread, free the engine (deferred requests are dropped:
- * the device is being reset). */
-void kvblk_stop(struct kvblk *b);
-/* Return when the thread is between requests and will not start another. */
-void kvblk_pause(struct kvblk *b);
-void kvblk_resume(struct kvblk *b);
-
-/* Readable when Python has work: deferred requests or a broken queue. */
-int kvblk_event_fd(struct kvblk *b);
-/* Move up to ``max`` deferred requests into ``out`` (each chain's bufs point
- * into engine memory valid until kvblk_complete of its head); returns how many. */
-int kvblk_take_deferred(struct kvblk *b, struct kvq_chain *out, int max);
-/* Return a deferred request: push it and interrupt if the driver wants one. */
-int kvblk_complete(struct kvblk *b, uint32_t head, uint32_t written);
-/* Non-zero once the queue broke; the message is copied into msg. */
-int kvblk_broken(struct kvblk *b, char *msg, size_t len);
-
-/* MSI-X: the queue's vector became (un)masked.  Unmasking sends an interrupt
- * left pending while it was masked. */
-void kvblk_set_masked(struct kvblk *b, int masked);
-/* INTx: read and clear the ISR bits this engine set. */
-uint32_t kvblk_take_isr(struct kvblk *b);
-void kvblk_get_stats(struct kvblk *b, struct kvblk_stats *out);
+struct kveng *kvblk_start(struct kvq *q, const struct kvblk_config *cfg, char *err, size_t errlen);
+/* The counters of an engine kvblk_start returned. */
+void kvblk_get_stats(struct kveng *e, struct kvblk_stats *out);
 
 #endif

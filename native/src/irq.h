@@ -1,4 +1,4 @@
-/* Interrupts of a queue engine (blk.c, net.c), and the eventfd helpers they share.
+/* Interrupts of a queue engine (engine.c), and the eventfd helpers it shares.
  *
  * MSI-X: the vector's irqfd is signalled unless the guest masked the vector;
  * then the interrupt is left pending and sent when it is unmasked.  INTx: the

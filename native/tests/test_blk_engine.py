@@ -1,5 +1,6 @@
-"""The virtio-blk engine's own duties (src/blk.c): pausing, MSI-X masking,
-INTx's ISR bits and resampling, requests handed to Python, a hostile guest."""
+"""The virtio-blk engine's own duties (src/blk.c on src/engine.c): pausing,
+MSI-X masking, INTx's ISR bits and resampling, requests handed to Python, a
+hostile guest."""
 import os
 import select
 import struct
@@ -11,7 +12,6 @@ from kvmkit.memory import GuestMemory
 from kvmkit.plugin_api import VirtqueueError
 from kvmkit.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
-from kvmkit.virtio.runtime import QueueWiring
 
 pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
 blk_mod = pytest.importorskip("kvmkit_virtio_blk.blk", reason="kvmkit-virtio-blk is not installed")
@@ -23,50 +23,15 @@ MEM = 4 << 20
 IMAGE = bytes(range(256)) * 4096          # 1 MiB
 
 
-def efd():
-    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-
-
-class Host:
-    """The runtime's side: kick, interrupt and (INTx) resample eventfds."""
-
-    def __init__(self, intx=False):
-        self.kick, self.irq = efd(), efd()
-        self.resample = efd() if intx else -1
-        self.engine = None
-
-    def wiring(self, index):
-        return QueueWiring(self.kick, self.irq, self.resample, self.resample < 0)
-
-    def offload(self, index, engine):
-        self.engine = engine
-
-    def release(self, index):
-        self.engine = None
-
-    def interrupts(self, wait=0.0):
-        if wait and not select.select([self.irq], [], [], wait)[0]:
-            return 0
-        try:
-            return os.eventfd_read(self.irq)
-        except BlockingIOError:
-            return 0
-
-    def close(self):
-        for fd in (self.kick, self.irq, self.resample):
-            if fd >= 0:
-                os.close(fd)
-
-
 @pytest.fixture
-def rig(tmp_path):
+def rig(tmp_path, make_host):
     made = []
 
     def make(intx=False, event_idx=False):
         path = tmp_path / f"disk{len(made)}.img"
         path.write_bytes(IMAGE)
         dev = blk_mod.VirtioBlk(FileBackend(path), serial="engine")
-        host = Host(intx)
+        host = make_host(intx=intx)
         dev.queue_backend, dev.host = backend, host
         mem = GuestMemory(MEM, backing=bytearray(MEM))
         alloc = GuestAllocator(mem, 0x100000)
@@ -77,13 +42,12 @@ def rig(tmp_path):
         features = dev.features | (1 << VIRTIO_F_VERSION_1)
         dev.activate([queue], features | ((1 << VIRTIO_F_RING_EVENT_IDX) if event_idx else 0))
         assert host.engine is dev.engine is not None
-        made.append((dev, host))
+        made.append(dev)
         return dev, host, drv, mem, alloc
 
     yield make
-    for dev, host in made:
+    for dev in made:
         dev.close()
-        host.close()
 
 
 def read_request(drv, mem, alloc, sector, n=512):

@@ -1,8 +1,8 @@
-"""The virtio-net transmit engine (src/net.c): frames reach the "tap" (a
-datagram socket pair standing in for it) exactly as the Python model writes
-them, frames it does not send are counted by the model as on the Python
-path, and the engine's own duties: MSI-X masking, INTx, pausing, a hostile
-guest, stopping at reset."""
+"""The virtio-net transmit engine (src/net.c on src/engine.c): frames reach the
+"tap" (a datagram socket pair standing in for it) exactly as the Python
+model writes them, frames it does not send are counted by the model as on
+the Python path, and the engine's own duties: MSI-X masking, INTx, pausing,
+a hostile guest, stopping at reset."""
 import logging
 import os
 import select
@@ -16,7 +16,6 @@ from kvmkit.memory import GuestMemory
 from kvmkit.plugin_api import VirtqueueError
 from kvmkit.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
-from kvmkit.virtio.runtime import QueueWiring
 
 pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
 net_mod = pytest.importorskip("kvmkit_virtio_net.net", reason="kvmkit-virtio-net is not installed")
@@ -31,10 +30,6 @@ MAC = bytes.fromhex("020000c0ffee")
 TX = p.TX
 TUN_ALL = (tap_mod.TUN_F_CSUM | tap_mod.TUN_F_TSO4 | tap_mod.TUN_F_TSO6 | tap_mod.TUN_F_TSO_ECN
            | tap_mod.TUN_F_UFO)
-
-
-def efd():
-    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
 class FakeTap:
@@ -67,49 +62,15 @@ class FakeTap:
             self.peer.close()
 
 
-class Host:
-    """The runtime's side: kick, interrupt and (INTx) resample eventfds."""
-
-    def __init__(self, intx=False):
-        self.kick, self.irq = efd(), efd()
-        self.resample = efd() if intx else -1
-        self.engine = None
-        self.released = []
-
-    def wiring(self, index):
-        assert index == TX
-        return QueueWiring(self.kick, self.irq, self.resample, self.resample < 0)
-
-    def offload(self, index, engine):
-        self.engine = engine
-
-    def release(self, index):
-        self.released.append(index)
-        self.engine = None
-
-    def interrupts(self, wait=0.0):
-        if wait and not select.select([self.irq], [], [], wait)[0]:
-            return 0
-        try:
-            return os.eventfd_read(self.irq)
-        except BlockingIOError:
-            return 0
-
-    def close(self):
-        for fd in (self.kick, self.irq, self.resample):
-            if fd >= 0:
-                os.close(fd)
-
-
 class Rig:
     """A VirtioNet on a FakeTap; ``engine``: on the native queue with a host
     (the C transmit path), else on the Python queue without one."""
 
-    def __init__(self, engine=True, intx=False, event_idx=True, features=None, mtu=1500):
+    def __init__(self, make_host, engine=True, intx=False, event_idx=True, features=None, mtu=1500):
         self.tap = FakeTap()
         self.backend = TapBackend(self.tap, spawn=None, log=logging.getLogger("test"))
         self.dev = net_mod.VirtioNet(self.backend, mac=MAC, mtu=mtu)
-        self.host = Host(intx) if engine else None
+        self.host = make_host(intx=intx, index=TX) if engine else None
         queues = native if engine else resolve("python", "test")
         self.dev.queue_backend, self.dev.host = queues, self.host
         self.mem = GuestMemory(MEM, backing=bytearray(MEM))
@@ -148,8 +109,6 @@ class Rig:
     def close(self):
         self.dev.reset()
         self.dev.close()
-        if self.host is not None:
-            self.host.close()
         self.tap.close()
 
 
@@ -166,11 +125,11 @@ def wait_used(drv, count, engine=None, timeout=5.0):
 
 
 @pytest.fixture
-def rig():
+def rig(make_host):
     made = []
 
     def make(**kw):
-        r = Rig(**kw)
+        r = Rig(make_host, **kw)
         made.append(r)
         return r
     yield make
