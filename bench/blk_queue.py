@@ -33,7 +33,6 @@ import argparse
 import mmap
 import os
 import random
-import select
 import tempfile
 import time
 
@@ -43,12 +42,12 @@ from kvmkit.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIREC
                                   VIRTIO_F_VERSION_1)
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
 from kvmkit.virtio.backends import resolve
-from kvmkit.virtio.runtime import QueueWiring
 from kvmkit_virtio_blk import protocol as p
 from kvmkit_virtio_blk.backend import FileBackend
 from kvmkit_virtio_blk.blk import QUEUE_SIZE, VirtioBlk
 
-from machine_info import describe  # bench/ is on sys.path when run as a script
+from engine_host import EngineHost  # bench/ is on sys.path when run as a script
+from machine_info import describe
 from raw_io import load as load_raw_io
 
 CASES = (                       # name, block size, random offsets?, write?
@@ -95,28 +94,6 @@ def offsets(size: int, bs: int, rand: bool, seed: int):
         i += 1
 
 
-class EngineHost:
-    """What the core runtime gives an engine: a kick eventfd and an interrupt eventfd."""
-
-    def __init__(self):
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.engine = None
-
-    def wiring(self, index):
-        return QueueWiring(self.kick_fd, self.irq_fd, -1, True)
-
-    def offload(self, index, engine):
-        self.engine = engine
-
-    def release(self, index):
-        self.engine = None
-
-    def close(self):
-        os.close(self.kick_fd)
-        os.close(self.irq_fd)
-
-
 class QueueRig:
     """The guest side: ``depth`` request slots in guest memory, each a header,
     a data buffer and a status byte named by one indirect descriptor."""
@@ -153,15 +130,7 @@ class QueueRig:
                 drv.add([(hdr, 16)], [(data, self.bs), (status, 1)], indirect=True, publish=False)
         drv.kick()
         if self.host is not None:
-            target = drv.avail_idx
-            drv.set_used_event((target - 1) & 0xFFFF)   # interrupt me when the batch is done
-            t0 = time.perf_counter()
-            os.eventfd_write(self.host.kick_fd, 1)     # the guest's notification
-            while drv.used_idx != target:              # sleep until the engine's interrupt
-                if not select.select([self.host.irq_fd], [], [], 10)[0]:
-                    raise RuntimeError("the native engine did not complete the batch")
-                os.eventfd_read(self.host.irq_fd)
-            self.wall += time.perf_counter() - t0
+            self.wall += self.host.run_batch(drv)
             busy = self.dev.engine.stats()["busy_ns"] / 1e9
             elapsed, self.engine_busy = busy - self.engine_busy, busy
         else:
@@ -201,6 +170,16 @@ def run_queue(path: str, size: int, bs: int, rand: bool, write: bool, depth: int
         dev.close()
         if rig is not None and rig.host is not None:
             rig.host.close()
+
+
+def settle(path: str) -> None:
+    """Write back what the previous path dirtied, so that no path pays for
+    another's writeback (untimed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def run_raw(path: str, size: int, bs: int, rand: bool, write: bool, seconds: float,
@@ -263,13 +242,16 @@ def main() -> None:
         print("-" * len(header))
         for name, bs, rand, write in CASES:
             iops = {}
+            settle(path)
             n, t = run_queue(path, size, bs, rand, write, args.depth, args.seconds, direct,
                              "python")[:2]
             iops["python"] = n / t
             if native:
+                settle(path)
                 n, busy, wall = run_queue(path, size, bs, rand, write, args.depth, args.seconds,
                                           direct, "native")
                 iops["native"], iops["native wall"] = n / busy, n / wall
+            settle(path)
             n, t = run_raw(path, size, bs, rand, write, args.seconds, direct, args.depth)
             iops["raw"] = n / t
             line = f"{name:22}" + "".join(f" {iops[k]:12.0f}" for k in paths) + "        "

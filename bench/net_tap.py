@@ -28,7 +28,7 @@ receive   a sender process inside the namespace writes frames to the tap's
 Queue backends: every case runs on the pure-Python queue and, when
 kvmkit-native is installed, on the native queue, each with a fresh device on
 the same tap.  On the native queue the harness gives the device a host (the
-runtime's eventfds, as bench/blk_queue.py's EngineHost), so transmit runs on
+runtime's eventfds: bench/engine_host.py), so transmit runs on
 kvmkit-native's C engine thread (pop, header checks, writev to the tap, used
 ring, interrupt), timed two ways: the engine's busy time (its ``busy_ns``
 counter, the same span the Python rows time) and, as "native wall", the wall
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import select
 import struct
 import subprocess
 import sys
@@ -55,13 +53,13 @@ from kvmkit.memory import GuestMemory
 from kvmkit.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
 from kvmkit.virtio.backends import BackendError, resolve
-from kvmkit.virtio.runtime import QueueWiring
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net.backends import TapBackend
 from kvmkit_virtio_net.net import QUEUE_SIZES, VirtioNet
 from kvmkit_virtio_net.netns import NetNamespace, available
 from kvmkit_virtio_net.tap import open_tap
-from machine_info import describe  # bench/ is on sys.path when run as a script
+from engine_host import EngineHost  # bench/ is on sys.path when run as a script
+from machine_info import describe
 
 GUEST_RAM = 64 << 20
 IFNAME = "kvbench0"
@@ -109,30 +107,6 @@ def ipv4_tso(size: int) -> tuple[bytes, p.NetHeader]:
     hdr = p.NetHeader(flags=p.HDR_F_NEEDS_CSUM, gso_type=p.GSO_TCPV4, hdr_len=54, gso_size=1448,
                       csum_start=34, csum_offset=16)
     return frame, hdr
-
-
-class EngineHost:
-    """What the core runtime gives an engine: a kick eventfd and an interrupt eventfd."""
-
-    def __init__(self):
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.engines = {}
-
-    def wiring(self, index):
-        if index != p.TX:
-            raise ValueError(f"no wiring for queue {index}")
-        return QueueWiring(self.kick_fd, self.irq_fd, -1, True)
-
-    def offload(self, index, engine):
-        self.engines[index] = engine
-
-    def release(self, index):
-        self.engines.pop(index, None)
-
-    def close(self):
-        os.close(self.kick_fd)
-        os.close(self.irq_fd)
 
 
 class Rig:
@@ -190,15 +164,7 @@ class Rig:
                 drv.add([(gpa, length)], [], publish=False)
             drv.kick()
             if engine is not None:
-                target = drv.avail_idx
-                drv.set_used_event((target - 1) & 0xFFFF)   # interrupt me when the batch is done
-                t0 = time.perf_counter()
-                os.eventfd_write(self.host.kick_fd, 1)     # the guest's notification
-                while drv.used_idx != target:              # sleep until the engine's interrupt
-                    if not select.select([self.host.irq_fd], [], [], 10)[0]:
-                        raise RuntimeError("the native engine did not complete the batch")
-                    os.eventfd_read(self.host.irq_fd)
-                wall += time.perf_counter() - t0
+                wall += self.host.run_batch(drv)
             else:
                 t0 = time.perf_counter()
                 self.dev.process(p.TX)
