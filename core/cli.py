@@ -115,8 +115,14 @@ def _summary(machine: Machine, stop, elapsed: float) -> str:
     parts = ", ".join(f"{EXIT_NAMES.get(k, k)} {v}" for k, v in
                       sorted(counts.items(), key=lambda kv: -kv[1])[:4])
     rate = total / elapsed if elapsed > 0 else 0
+    by_backend: dict[str, list[str]] = {}
+    for device, backend in machine.queue_backends().items():
+        by_backend.setdefault(backend, []).append(device)
+    queues = "; ".join(f"{backend} virtqueues ({', '.join(devices)})"
+                       for backend, devices in by_backend.items())
     return (f"kvmkit: {machine.config.name}: {stop.reason}; ran {elapsed:.1f} s, "
-            f"{total} exits ({rate:.0f}/s{': ' + parts if parts else ''})")
+            f"{total} exits ({rate:.0f}/s{': ' + parts if parts else ''})"
+            f"{'; ' + queues if queues else ''}")
 
 
 def cmd_run(args) -> int:

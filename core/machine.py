@@ -161,7 +161,12 @@ class Machine:
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(counts.items())},
             "exits_total": sum(counts.values()),
             "cmdline": self.cmdline,
+            "virtqueues": self.queue_backends(),
         }
+
+    def queue_backends(self) -> dict[str, str]:
+        """Each virtio device's queue backend: ``{"virtio-blk.0": "native"}``."""
+        return {rt.ctx.name: rt.backend.name for rt in self.virtio}
 
     # -- building ----------------------------------------------------------------------
     def build(self) -> None:

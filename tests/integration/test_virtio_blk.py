@@ -74,6 +74,7 @@ def two_disks(guest_kit, tmp_path_factory, request):
 def test_queue_backend_is_the_one_asked_for(two_disks):
     result, _, _, queue = two_disks
     assert result.stderr.count(f"virtqueues: {queue} (") == 2, result.describe()
+    assert f"; {queue} virtqueues (virtio-blk.0, virtio-blk.1)" in result.stderr   # the end line
     served = [int(n) for n in re.findall(r"the engine served (\d+) requests in C", result.stderr)]
     if queue == "native":                       # both disks' requests went through the C thread
         assert result.stderr.count("the request queue runs on the native engine's C thread "
