@@ -37,6 +37,7 @@ import tempfile
 import time
 
 from kvmkit.memory import GuestMemory
+from kvmkit.testing import EngineHost
 from kvmkit.plugin_api import Size
 from kvmkit.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
                                   VIRTIO_F_VERSION_1)
@@ -46,8 +47,7 @@ from kvmkit_virtio_blk import protocol as p
 from kvmkit_virtio_blk.backend import FileBackend
 from kvmkit_virtio_blk.blk import QUEUE_SIZE, VirtioBlk
 
-from engine_host import EngineHost  # bench/ is on sys.path when run as a script
-from machine_info import describe
+from machine_info import describe  # bench/ is on sys.path when run as a script
 from raw_io import load as load_raw_io
 
 CASES = (                       # name, block size, random offsets?, write?

@@ -28,7 +28,7 @@ receive   a sender process inside the namespace writes frames to the tap's
 Queue backends: every case runs on the pure-Python queue and, when
 kvmkit-native is installed, on the native queue, each with a fresh device on
 the same tap.  On the native queue the harness gives the device a host (the
-runtime's eventfds: bench/engine_host.py), so transmit runs on
+runtime's eventfds: kvmkit.testing.EngineHost), so transmit runs on
 kvmkit-native's C engine thread (pop, header checks, writev to the tap, used
 ring, interrupt), timed two ways: the engine's busy time (its ``busy_ns``
 counter, the same span the Python rows time) and, as "native wall", the wall
@@ -50,6 +50,7 @@ import threading
 import time
 
 from kvmkit.memory import GuestMemory
+from kvmkit.testing import EngineHost
 from kvmkit.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
 from kvmkit.virtio.backends import BackendError, resolve
@@ -58,8 +59,7 @@ from kvmkit_virtio_net.backends import TapBackend
 from kvmkit_virtio_net.net import QUEUE_SIZES, VirtioNet
 from kvmkit_virtio_net.netns import NetNamespace, available
 from kvmkit_virtio_net.tap import open_tap
-from engine_host import EngineHost  # bench/ is on sys.path when run as a script
-from machine_info import describe
+from machine_info import describe  # bench/ is on sys.path when run as a script
 
 GUEST_RAM = 64 << 20
 IFNAME = "kvbench0"
@@ -124,7 +124,7 @@ class Rig:
         self.alloc = GuestAllocator(self.mem, 0x100000)
         self.drv = [DriverQueue(self.mem, n, rings, event_idx=True) for n in QUEUE_SIZES]
         backend = resolve(queues, f"queue {queues}")
-        self.host = EngineHost() if queues == "native" else None
+        self.host = EngineHost(index=p.TX) if queues == "native" else None
         self.dev.queue_backend, self.dev.host = backend, self.host
         self.queues = [backend.split_queue(self.mem, n, *d.addresses, event_idx=True, indirect=False)
                        for n, d in zip(QUEUE_SIZES, self.drv)]

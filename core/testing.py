@@ -34,7 +34,7 @@ from .memory import GuestMemory
 from .plugin_api import MMIO, PIO, PROJECT, DeviceConfig, DeviceError
 
 __all__ = ["FakeIrqLine", "FakeContext", "pio", "mmio", "config", "plugin_manager",
-           "VirtioTestDriver", "ContractFailure", "KindContract"]
+           "VirtioTestDriver", "EngineHost", "ContractFailure", "KindContract"]
 
 
 class FakeIrqLine:
@@ -100,7 +100,6 @@ class FakeContext:
         self.irqs: dict[int, FakeIrqLine] = {}
         self.stop_requests: list[tuple[str, int]] = []
         self.virtio: list[Any] = []
-        self.queue_backends: list[Any] = []                # the backend of each add_virtio
         self.pci: list[tuple[Any, dict]] = []              # (ConfigSpace, {bar: handler})
         self.shutdown_handlers: list[Callable[[], None]] = []
         self.threads: list[threading.Thread] = []
@@ -128,7 +127,7 @@ class FakeContext:
         virtio-pci function); ``queue`` must name an installed backend."""
         from .virtio.backends import BackendError, resolve
         try:
-            self.queue_backends.append(resolve(queue, self.name))
+            resolve(queue, self.name)
         except BackendError as e:
             raise DeviceError(str(e)) from None
         self.virtio.append(device)
@@ -248,6 +247,7 @@ def plugin_manager(*plugins) -> pluggy.PluginManager:
 # -- the pytest plugin: fixtures, --kvmkit-contract, its hooks --------------------------
 from .contract import ContractFailure, KindContract  # noqa: E402
 from .virtio_test_driver import VirtioTestDriver  # noqa: E402
+from .virtio.engine_host import EngineHost  # noqa: E402
 
 try:                                    # the helpers above work without pytest too
     import pytest as _pytest  # noqa: F401

@@ -3,7 +3,6 @@ MSI-X masking, INTx's ISR bits and resampling, requests handed to Python, a
 hostile guest."""
 import os
 import select
-import struct
 import time
 
 import pytest
@@ -70,7 +69,7 @@ def wait_used(drv, count, timeout=5.0, engine=None):
 def test_reads_through_the_engine_signal_the_msix_irqfd(rig):
     dev, host, drv, mem, alloc = rig()
     data, status = read_request(drv, mem, alloc, 2)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     assert [w for _, w in wait_used(drv, 1)] == [513]
     assert mem.read(status, 1) == b"\0" and mem.read(data, 512) == IMAGE[1024:1536]
     assert host.interrupts(wait=2) == 1
@@ -81,7 +80,7 @@ def test_pause_holds_requests_until_resume(rig):
     dev, host, drv, mem, alloc = rig()
     dev.engine.pause()
     read_request(drv, mem, alloc, 0)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     time.sleep(0.3)
     assert drv.used_idx == 0 and dev.engine.stats()["requests"] == 0
     dev.engine.resume()
@@ -92,7 +91,7 @@ def test_masked_vector_keeps_the_interrupt_pending_until_unmasked(rig):
     dev, host, drv, mem, alloc = rig()
     dev.engine.set_masked(True)
     read_request(drv, mem, alloc, 0)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     assert len(wait_used(drv, 1)) == 1
     assert host.interrupts(wait=0.2) == 0            # pending, not sent
     dev.engine.set_masked(False)
@@ -104,14 +103,14 @@ def test_masked_vector_keeps_the_interrupt_pending_until_unmasked(rig):
 def test_intx_sets_the_isr_and_reasserts_at_eoi_while_it_is_set(rig):
     dev, host, drv, mem, alloc = rig(intx=True)
     read_request(drv, mem, alloc, 0)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     assert len(wait_used(drv, 1)) == 1
     assert host.interrupts(wait=2) == 1
-    os.eventfd_write(host.resample, 1)               # EOI, ISR not read: assert again
+    os.eventfd_write(host.resample_fd, 1)               # EOI, ISR not read: assert again
     assert host.interrupts(wait=2) == 1
     assert dev.engine.take_isr() == 1                 # the guest reads (and clears) ISR
     assert dev.engine.take_isr() == 0
-    os.eventfd_write(host.resample, 1)               # EOI after the read: the line stays low
+    os.eventfd_write(host.resample_fd, 1)               # EOI after the read: the line stays low
     assert host.interrupts(wait=0.3) == 0
 
 
@@ -120,7 +119,7 @@ def test_get_id_is_handed_to_python_and_completed(rig):
     hdr = alloc.put(p.HEADER.pack(p.T_GET_ID, 0, 0))
     ident, status = alloc.alloc(p.ID_BYTES), alloc.alloc(1, 1)
     drv.add([(hdr, 16)], [(ident, p.ID_BYTES), (status, 1)])
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     assert select.select([dev.engine.event_fd], [], [], 2)[0]
     used = wait_used(drv, 1, engine=dev.engine)
     assert [w for _, w in used] == [p.ID_BYTES + 1]
@@ -133,12 +132,12 @@ def test_a_chain_outside_guest_ram_breaks_the_queue_after_earlier_requests(rig):
     read_request(drv, mem, alloc, 0)
     drv.write_desc(100, MEM + 4096, 16)               # a buffer outside guest RAM
     drv.submit_head(100)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     assert select.select([dev.engine.event_fd], [], [], 2)[0]
     with pytest.raises(VirtqueueError, match="not inside guest RAM"):
         dev.engine.service()
     assert len(drv.used()) == 1                       # the good one was served
-    os.eventfd_write(host.kick, 1)                    # later kicks do nothing
+    os.eventfd_write(host.kick_fd, 1)                    # later kicks do nothing
     time.sleep(0.1)
     assert drv.used_idx == 1
 
@@ -150,7 +149,7 @@ def test_register_garbage_in_every_ring_slot_never_crashes(rig):
         drv.write_desc(slot, rnd.getrandbits(64), rnd.getrandbits(32),
                        flags=rnd.getrandbits(16), next=rnd.getrandbits(16))
         drv.submit_head(rnd.getrandbits(16) % blk_mod.QUEUE_SIZE)
-    os.eventfd_write(host.kick, 1)
+    os.eventfd_write(host.kick_fd, 1)
     select.select([dev.engine.event_fd], [], [], 2)
     with pytest.raises(VirtqueueError):
         dev.engine.service()

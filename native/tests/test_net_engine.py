@@ -7,7 +7,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 
 import pytest
@@ -103,7 +102,7 @@ class Rig:
         if self.host is None:
             self.dev.process(TX)
             return self.drv[TX].used()
-        os.eventfd_write(self.host.kick, 1)
+        os.eventfd_write(self.host.kick_fd, 1)
         return wait_used(self.drv[TX], count, self.engine)
 
     def close(self):
@@ -313,10 +312,10 @@ def test_intx_sets_the_isr_and_reasserts_at_eoi_while_it_is_set(rig):
     r.queue(hdr() + udp(60))
     assert len(r.run(1)) == 1
     assert r.host.interrupts(wait=2) == 1
-    os.eventfd_write(r.host.resample, 1)
+    os.eventfd_write(r.host.resample_fd, 1)
     assert r.host.interrupts(wait=2) == 1
     assert r.engine.take_isr() == 1 and r.engine.take_isr() == 0
-    os.eventfd_write(r.host.resample, 1)
+    os.eventfd_write(r.host.resample_fd, 1)
     assert r.host.interrupts(wait=0.3) == 0
 
 
@@ -324,7 +323,7 @@ def test_pause_holds_frames_until_resume(rig):
     r = rig(engine=True)
     r.engine.pause()
     r.queue(hdr() + udp(60))
-    os.eventfd_write(r.host.kick, 1)
+    os.eventfd_write(r.host.kick_fd, 1)
     time.sleep(0.2)
     assert r.drv[TX].used_idx == 0 and r.tap.frames(1, timeout=0.1) == []
     r.engine.resume()
@@ -336,12 +335,12 @@ def test_a_chain_outside_guest_ram_breaks_the_queue_after_earlier_frames(rig):
     r.queue(hdr() + udp(60))
     r.drv[TX].write_desc(100, MEM + 4096, 80)
     r.drv[TX].submit_head(100)
-    os.eventfd_write(r.host.kick, 1)
+    os.eventfd_write(r.host.kick_fd, 1)
     assert select.select([r.engine.event_fd], [], [], 2)[0]
     with pytest.raises(VirtqueueError, match="not inside guest RAM"):
         r.engine.service()
     assert len(r.drv[TX].used()) == 1 and len(r.tap.frames(1)) == 1
-    os.eventfd_write(r.host.kick, 1)
+    os.eventfd_write(r.host.kick_fd, 1)
     time.sleep(0.1)
     assert r.drv[TX].used_idx == 1
 
@@ -354,7 +353,7 @@ def test_garbage_in_every_ring_slot_never_crashes(rig):
         r.drv[TX].write_desc(slot, rnd.getrandbits(64), rnd.getrandbits(32),
                              flags=rnd.getrandbits(16), next=rnd.getrandbits(16))
         r.drv[TX].submit_head(rnd.getrandbits(16) % size)
-    os.eventfd_write(r.host.kick, 1)
+    os.eventfd_write(r.host.kick_fd, 1)
     select.select([r.engine.event_fd], [], [], 2)
     with pytest.raises(VirtqueueError):
         r.engine.service()

@@ -16,8 +16,8 @@ from kvmkit.memory import GuestMemory
 from kvmkit.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
                                   VIRTIO_F_VERSION_1)
 from kvmkit.virtio.driver_model import DriverQueue, GuestAllocator
+from kvmkit.testing import EngineHost
 from kvmkit.virtio.backends import resolve
-from kvmkit.virtio.runtime import QueueWiring
 from kvmkit_virtio_blk import protocol as p
 from kvmkit_virtio_blk.backend import FileBackend
 from kvmkit_virtio_blk.blk import QUEUE_SIZE, VirtioBlk
@@ -34,35 +34,6 @@ def queue_backend(name: str):
     if name == "native":
         pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed (pip install ./native)")
     return resolve(name, "test")
-
-
-class FakeHost:
-    """The core runtime's side of an engine (kvmkit.virtio.runtime): the queue's
-    kick eventfd and an MSI-X-like interrupt eventfd; records the offload."""
-
-    def __init__(self):
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.engines: dict[int, object] = {}
-
-    def wiring(self, index):
-        return QueueWiring(self.kick_fd, self.irq_fd, -1, True)
-
-    def offload(self, index, engine):
-        self.engines[index] = engine
-
-    def release(self, index):
-        self.engines.pop(index, None)
-
-    def interrupts(self) -> int:
-        try:
-            return os.eventfd_read(self.irq_fd)
-        except BlockingIOError:
-            return 0
-
-    def close(self):
-        os.close(self.kick_fd)
-        os.close(self.irq_fd)
 
 
 @dataclasses.dataclass
@@ -84,7 +55,7 @@ class BlkDriver:
                  features: int | None = None, mem_size: int = MEM_SIZE, queues: str = "python"):
         self.dev = dev
         backend = queue_backend(queues)
-        self.host = FakeHost() if queues != "python" else None
+        self.host = EngineHost() if queues != "python" else None
         dev.queue_backend, dev.host = backend, self.host
         self.mem = GuestMemory(mem_size, backing=bytearray(mem_size))
         self.rings = GuestAllocator(self.mem, 0x1000, DATA_BASE)
@@ -140,7 +111,7 @@ class BlkDriver:
             self.dev.process(0)
             used = dict(self.drv.used())
         else:                             # the engine's thread serves; Python what it hands back
-            os.eventfd_write(self.host.kick_fd, 1)
+            self.host.kick()
             deadline = time.monotonic() + 10
             while ((self.drv.used_idx - self.drv.last_used_idx) & 0xFFFF < self.drv.in_flight
                    and time.monotonic() < deadline):
