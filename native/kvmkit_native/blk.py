@@ -15,10 +15,10 @@ from typing import Callable
 from kvmkit.plugin_api import Chain
 
 from ._native import ffi, lib
-from .engine import QueueEngine, chain_of
+from .engine import QueueEngine
 from .queue import NativeSplitQueue
 
-__all__ = ["BlkEngine", "chain_of"]
+__all__ = ["BlkEngine"]
 
 
 class BlkEngine(QueueEngine):

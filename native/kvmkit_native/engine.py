@@ -15,21 +15,12 @@ from __future__ import annotations
 from kvmkit.plugin_api import Chain, VirtqueueError
 
 from ._native import ffi, lib
-from .queue import NativeSplitQueue
+from .queue import NativeSplitQueue, chain_from
 
-__all__ = ["QueueEngine", "chain_of"]
+__all__ = ["QueueEngine"]
 
 _BATCH = 64
 _ERR = 256
-
-
-def chain_of(c) -> Chain:
-    """A kvmkit Chain from a C ``struct kvq_chain``."""
-    bufs = c.bufs
-    nread = c.nread
-    readable = [(bufs[i].gpa, bufs[i].len) for i in range(nread)]
-    writable = [(bufs[i].gpa, bufs[i].len) for i in range(nread, nread + c.nwrite)]
-    return Chain(c.head, readable, writable)
 
 
 class QueueEngine:
@@ -66,7 +57,7 @@ class QueueEngine:
         while True:
             n = lib.kveng_take_deferred(self._engine, self._chains, _BATCH)
             for i in range(n):
-                self._deferred(chain_of(self._chains[i]))
+                self._deferred(chain_from(self._chains[i]))
             if n < _BATCH:
                 break
         msg = ffi.new("char[]", _ERR)
