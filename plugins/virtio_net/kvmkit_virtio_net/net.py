@@ -28,8 +28,8 @@ of ``process(1)``: kicks, the header checks, the writev() to the tap and the
 interrupts never reach Python.  The chains the engine does not send (runts,
 bad or unnegotiated offloads, oversize frames, frames the tap refused) come
 back through ``_send``, which counts and logs them as it does on the Python
-path (a refused frame is written once more first); the engine's counters are
-folded into :attr:`stats` whenever it is read.
+path (a refused frame is written once more first); :attr:`stats` adds the
+running engine's counters to the model's.
 """
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ _WHY = {
 }
 
 
+def _engine_counts(engine) -> dict[str, int]:
+    """A transmit engine's counters under the model's names (a chain it had to
+    return unsent, with more outstanding than the queue holds, is a tx error)."""
+    counts = engine.stats()
+    return {"tx_frames": counts["tx_frames"], "tx_bytes": counts["tx_bytes"],
+            "tx_errors": counts["dropped"]}
+
+
 class VirtioNet(VirtioDevice):
     """A virtio network device on ``backend`` with Ethernet address ``mac``
     (6 bytes) and ``mtu``."""
@@ -93,10 +101,8 @@ class VirtioNet(VirtioDevice):
         self.mac = bytes(mac)
         self.mtu = mtu
         self.features = self.BASE_FEATURES | (backend.offloads & p.OFFLOADS)
-        self._stats = dict.fromkeys(STAT_NAMES, 0)
-        self._stats_lock = threading.Lock()     # folding in the engine's counters
+        self._stats = dict.fromkeys(STAT_NAMES, 0)   # Python's counts (and stopped engines')
         self.tx_engine = None                   # the queue backend's C transmit path, while active
-        self._engine_seen: dict[str, int] = {}  # its counters already in _stats
         self._logged: set[str] = set()
         self._pending: collections.deque = collections.deque()
         self._pending_lock = threading.Lock()
@@ -172,13 +178,12 @@ class VirtioNet(VirtioDevice):
                           plain_limit=self._plain_limit, gso_limit=p.MAX_GSO_FRAME,
                           kick_fd=wiring.kick_fd, irq_fd=wiring.irq_fd,
                           resample_fd=wiring.resample_fd,
-                          on_frame=lambda chain: self._tx_deferred(mem, chain))
+                          on_frame=lambda chain: self._send(mem, chain))
         except OSError as e:
             self.log.warning("%s: the %s transmit engine did not start (%s); serving the "
                              "queue in Python", self.name, self.queue_backend.name, e)
             return
         if engine is not None:
-            self._engine_seen = {}
             self.tx_engine = engine
             self.host.offload(p.TX, engine)
             self.log.info("%s: the transmit queue runs on the %s engine's C thread (%s)",
@@ -189,34 +194,22 @@ class VirtioNet(VirtioDevice):
         if engine is None:
             return
         self.host.release(p.TX)
-        with self._stats_lock:
-            engine.stop()                            # its final counters stay readable
-            self._fold_engine_stats(engine)
-            self.tx_engine = None
-
-    def _tx_deferred(self, mem, chain) -> None:
-        """A chain the engine left to Python (worker thread, device lock held)."""
-        with self._stats_lock:
-            self._send(mem, chain)
-
-    def _fold_engine_stats(self, engine) -> None:
-        """Add what the engine counted since the last call (with _stats_lock held)."""
-        now = engine.stats()
-        seen, stats = self._engine_seen, self._stats
-        stats["tx_frames"] += now["tx_frames"] - seen.get("tx_frames", 0)
-        stats["tx_bytes"] += now["tx_bytes"] - seen.get("tx_bytes", 0)
-        stats["tx_errors"] += now["dropped"] - seen.get("dropped", 0)
-        self._engine_seen = now
+        engine.stop()                                # its final counters stay readable
+        self.tx_engine = None
+        for stat, n in _engine_counts(engine).items():
+            self._stats[stat] += n
 
     # -- counters -------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        """The counters (STAT_NAMES), the transmit engine's included."""
-        if self.tx_engine is not None:
-            with self._stats_lock:
-                if self.tx_engine is not None:
-                    self._fold_engine_stats(self.tx_engine)
-        return self._stats
+        """The counters (STAT_NAMES), the running transmit engine's included."""
+        engine = self.tx_engine
+        if engine is None:
+            return self._stats
+        stats = dict(self._stats)
+        for stat, n in _engine_counts(engine).items():
+            stats[stat] += n
+        return stats
 
     def count(self, stat: str, detail: str = "") -> None:
         """Count one event; the first of each kind is logged with ``detail``."""
