@@ -22,13 +22,9 @@ import logging
 
 from .queue import SplitQueue
 
-__all__ = ["QUEUE_GROUP", "PythonQueues", "installed", "resolve", "BackendError", "CHOICES_DOC"]
+__all__ = ["QUEUE_GROUP", "PythonQueues", "resolve", "BackendError"]
 
 QUEUE_GROUP = "kvmkit.queues"
-PREFERRED = ("native", "python")          # what "auto" takes, best first
-CHOICES_DOC = ('"auto" (native when kvmkit-native is installed, else python), '
-               '"native" (queues in C, needs kvmkit-native) or "python"')
-
 log = logging.getLogger("kvmkit.virtio")
 
 
@@ -70,29 +66,18 @@ def _load(ep: importlib.metadata.EntryPoint):
     return _loaded[ep.name]
 
 
-def installed() -> dict[str, str]:
-    """Installed backend names -> distribution, without importing them."""
-    eps = dict(_entry_points())
-    eps.setdefault("python", None)
-    return {name: (ep.dist.name if ep is not None and ep.dist else "kvmkit")
-            for name, ep in sorted(eps.items())}
-
-
 def resolve(choice: str, where: str):
     """The backend for a device's ``queue`` value; ``where`` names the device
     for the error message."""
     eps = _entry_points()
-    if choice == "auto":
-        for name in PREFERRED:
-            if name == "python":
-                return PYTHON
-            if name in eps:
-                try:
-                    return _load(eps[name])
-                except BackendError as e:
-                    log.warning("%s: %s; using the python queue", where, e)
+    if choice == "auto":                 # native if it is there and loads
+        if "native" in eps:
+            try:
+                return _load(eps["native"])
+            except BackendError as e:
+                log.warning("%s: %s; using the python queue", where, e)
         return PYTHON
-    if choice == "python" and "python" not in eps:
+    if choice == "python":               # the core's own, registered or not
         return PYTHON
     if choice not in eps:
         if choice == "native":
