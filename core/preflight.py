@@ -26,13 +26,12 @@ class CheckedMachine:
     kernel_format: str                           # "ELF vmlinux" or "bzImage"
     devices: tuple[DeviceConfig, ...]
     kinds: dict[str, LoadedKind]
-    queues: tuple[str | None, ...] = ()          # per device: its queue backend's name
+    queues: tuple[str | None, ...]               # per device: its queue backend's name, if virtio
 
     def summary(self) -> str:
         c = self.config
         devices = ", ".join(d.kind + (f" ({q} queues)" if q else "")
-                            for d, q in zip(self.devices, self.queues or [None] * len(self.devices))
-                            ) or "none"
+                            for d, q in zip(self.devices, self.queues)) or "none"
         return (f"{c.name}: {c.vcpus} vCPU{'s' if c.vcpus != 1 else ''}, "
                 f"{format_size(c.memory)} memory, {self.kernel_format} kernel, devices: {devices}")
 
