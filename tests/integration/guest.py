@@ -127,3 +127,20 @@ def machine_file(path: Path, *, image, cmdline: str, initrd=None, vcpus: int = 1
         parts += ["", "[[device]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def one_error_line(result, *needles, status: int | None = None) -> str:
+    """The one ``kvmkit: error:`` line a failed run printed (no traceback), which
+    must hold every needle; the run must have exited ``status`` (any failure
+    when None).  ``result``: a CompletedProcess."""
+    if status is None:
+        assert result.returncode != 0
+    else:
+        assert result.returncode == status, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("kvmkit: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

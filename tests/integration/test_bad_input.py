@@ -4,23 +4,14 @@ import sys
 
 import pytest
 
+from guest import one_error_line
+
 KVMKIT = [sys.executable, "-m", "kvmkit"]
 
 
 def kvmkit(*args, cwd=None):
     return subprocess.run(KVMKIT + list(args), capture_output=True, text=True, cwd=cwd,
                           stdin=subprocess.DEVNULL, timeout=120)
-
-
-def one_error_line(result, *needles):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("kvmkit: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def machine(tmp_path, body, name="m.toml"):

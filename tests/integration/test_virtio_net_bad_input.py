@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from guest import one_error_line as guest_one_error_line
+
 KVMKIT = [sys.executable, "-m", "kvmkit"]
 
 
@@ -38,14 +40,7 @@ def kvmkit(args, prefix=(), python_code=None):
 
 
 def one_error_line(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("kvmkit: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
+    return guest_one_error_line(result, *needles, status=2)
 
 
 def test_malformed_forward_rule(machine):
