@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from kvmkit.testing import FakeContext
+
 from netdriver import NetDriver
 from kvmkit_virtio_net import protocol as p
 from kvmkit_virtio_net import slirp as slirp_mod
@@ -226,30 +228,18 @@ def test_libslirp_missing_is_one_clear_error(monkeypatch):
 
 # -- the user backend under the device model ----------------------------------------------------
 
-class _Spawn:
-    def __init__(self):
-        self.threads = []
-
-    def __call__(self, name, target):
-        t = threading.Thread(target=target, name=name, daemon=True)
-        self.threads.append(t)
-        t.start()
-        return t
-
-
 @pytest.fixture
 def user_net():
     import logging
-    spawn = _Spawn()
-    backend = UserBackend(spawn=spawn, log=logging.getLogger("test.user"))
+    threads = FakeContext(name="net.0")          # spawn() keeps and joins the threads
+    backend = UserBackend(spawn=threads.spawn, log=logging.getLogger("test.user"))
     dev = VirtioNet(backend, mac=GUEST_MAC)
     drv = NetDriver(dev)
     woken = []
     dev._wake = woken.append
-    yield drv, dev, backend, spawn
+    yield drv, dev, backend, threads
     dev.close()
-    for t in spawn.threads:
-        assert not t.is_alive()
+    threads.close()                               # raises if a thread is still alive
 
 
 def test_dhcp_through_the_device(user_net):

@@ -4,10 +4,11 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+
+from kvmkit.testing import FakeContext
 
 from netdriver import NetDriver
 from kvmkit_virtio_net import protocol as p
@@ -123,17 +124,6 @@ def test_without_cap_net_admin(ns, owner, create, message):
 
 # -- frames through a tap ----------------------------------------------------------------------
 
-class Spawn:
-    def __init__(self):
-        self.threads = []
-
-    def __call__(self, name, target):
-        t = threading.Thread(target=target, name=name, daemon=True)
-        self.threads.append(t)
-        t.start()
-        return t
-
-
 @pytest.fixture
 def tap_net(ns):
     ns.ip("tuntap", "add", "dev", "kvt3", "mode", "tap")
@@ -141,17 +131,15 @@ def tap_net(ns):
     ns.ip("link", "set", "kvt3", "up")
     tap = ns.call(open_tap, "kvt3")
     ns.wait_up("kvt3")
-    spawn = Spawn()
-    backend = TapBackend(tap, spawn=spawn, log=logging.getLogger("test.tap"))
+    threads = FakeContext(name="net.0")          # spawn() keeps and joins the threads
+    backend = TapBackend(tap, spawn=threads.spawn, log=logging.getLogger("test.tap"))
     dev = VirtioNet(backend, mac=GUEST_MAC)
     drv = NetDriver(dev)
     dev._wake = lambda index: None
     dev.start()
     yield drv, dev, backend, ns
     dev.close()
-    for t in spawn.threads:
-        t.join(2)
-        assert not t.is_alive()
+    threads.close()                               # raises if a thread is still alive
 
 
 def wait_rx(drv, dev, match, timeout=5.0):
