@@ -171,7 +171,7 @@ class Machine:
     # -- building ----------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.config
-        device_configs = check_machine(cfg, self.pm).devices     # what `kvmkit check` checks
+        checked = check_machine(cfg, self.pm)                     # what `kvmkit check` checks
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
@@ -187,7 +187,7 @@ class Machine:
             self.pio.add(base, size, handler, pci_lock, "pci-host")
 
         counts: dict[str, int] = {}
-        for table, dcfg in zip(cfg.devices, device_configs):
+        for table, dcfg in zip(cfg.devices, checked.devices):
             index = counts.get(table.kind, 0)
             counts[table.kind] = index + 1
             ctx = DeviceContext(self, f"{table.kind}.{index}")
@@ -209,7 +209,8 @@ class Machine:
         rsdp_addr = self._install_acpi(pci_irqs) if cfg.acpi else 0
         try:
             boot = load_linux(self.memory, cfg.kernel.image, cfg.kernel.initrd, self.cmdline, cfg.vcpus,
-                              acpi_rsdp_addr=rsdp_addr, pci_irqs=pci_irqs)
+                              acpi_rsdp_addr=rsdp_addr, pci_irqs=pci_irqs,
+                              kernel_data=checked.kernel_data)
         except BootError as e:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()

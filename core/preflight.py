@@ -24,6 +24,7 @@ from .plugins import LoadedKind, load_kinds, new_manager
 class CheckedMachine:
     config: MachineConfig
     kernel_format: str                           # "ELF vmlinux" or "bzImage"
+    kernel_data: bytes = dataclasses.field(repr=False)   # the image as checked: the loader's input
     devices: tuple[DeviceConfig, ...]
     kinds: dict[str, LoadedKind]
     queues: tuple[str | None, ...]               # per device: its queue backend's name, if virtio
@@ -57,8 +58,9 @@ def check_machine(config: MachineConfig, pm=None) -> CheckedMachine:
         _check_readable(where, "initrd", kernel.initrd)
         if kernel.initrd.stat().st_size == 0:
             raise ConfigError(f"{where}: [kernel] initrd: {kernel.initrd} is empty")
-    fmt = kernel_format(where, kernel.image)
-    return CheckedMachine(config, fmt, devices, loaded, _queue_backends(config, devices))
+    data = kernel.image.read_bytes()             # the segment checks need the whole file
+    fmt = kernel_format(where, kernel.image, data)
+    return CheckedMachine(config, fmt, data, devices, loaded, _queue_backends(config, devices))
 
 
 def _queue_backends(config: MachineConfig, devices) -> tuple[str | None, ...]:
@@ -87,10 +89,10 @@ def _check_readable(where: str, key: str, path: Path) -> None:
         raise ConfigError(f"{where}: [kernel] {key}: cannot read {path}: {e.strerror}") from None
 
 
-def kernel_format(where: str, path: Path) -> str:
-    """"ELF vmlinux" or "bzImage", after the checks the loader makes on the
-    headers; ConfigError naming the file otherwise."""
-    data = path.read_bytes()                 # the segment checks need the whole file
+def kernel_format(where: str, path: Path, data: bytes) -> str:
+    """"ELF vmlinux" or "bzImage" for the image ``data`` read from ``path``,
+    after the checks the loader makes on the headers; ConfigError naming the
+    file otherwise."""
     try:
         if elf.is_elf(data):
             elf.parse(data, str(path))

@@ -41,8 +41,9 @@ def _read_kernel(path: Path) -> bytes:
         raise BootError(f"cannot read kernel image {path}: {exc.strerror or exc} (check [kernel] image)") from None
 
 
-def _load_kernel(mem, path: Path) -> KernelImage:
-    data = _read_kernel(path)
+def _load_kernel(mem, path: Path, data: bytes | None) -> KernelImage:
+    if data is None:
+        data = _read_kernel(path)
     if elf.is_elf(data):
         return elf.load(mem, data, str(path))
     if bzimage.is_bzimage(data):
@@ -52,12 +53,14 @@ def _load_kernel(mem, path: Path) -> KernelImage:
 
 
 def load_linux(mem, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int,
-               *, acpi_rsdp_addr: int = 0, pci_irqs=()) -> BootSetup:
-    """Load everything the kernel needs at its 64-bit entry; BootError on any bad input."""
+               *, acpi_rsdp_addr: int = 0, pci_irqs=(), kernel_data: bytes | None = None) -> BootSetup:
+    """Load everything the kernel needs at its 64-bit entry; BootError on any
+    bad input.  ``kernel_data``: the image's bytes if the caller read them
+    already (``kernel`` then only names it)."""
     if not mem.contains(0, layout.HIGH_MEMORY_START):
         raise BootError(f"memory too small: the boot area alone needs 1 MiB, machine has {mem.size // layout.KIB} KiB")
     mp = mptable.build(vcpus, pci_irqs=pci_irqs)    # checks vcpus before anything is written
-    image = _load_kernel(mem, Path(kernel))
+    image = _load_kernel(mem, Path(kernel), kernel_data)
     line = params.encode_cmdline(cmdline, image.cmdline_size)
     mem.write(layout.CMDLINE_START, line + bytes(layout.CMDLINE_MAX_SIZE - len(line)))
     rd = None
