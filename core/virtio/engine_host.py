@@ -51,7 +51,7 @@ class EngineHost:
     def wiring(self, index: int) -> QueueWiring:
         if self.index is not None and index != self.index:
             raise ValueError(f"no wiring for queue {index}")
-        return QueueWiring(self.kick_fd, self.irq_fd, self.resample_fd, self.resample_fd < 0)
+        return QueueWiring(self.kick_fd, self.irq_fd, self.resample_fd)
 
     def offload(self, index: int, engine) -> None:
         self.engines[index] = engine

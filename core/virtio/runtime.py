@@ -42,7 +42,10 @@ class QueueWiring:
     kick_fd: int          # eventfd the guest's notifications arrive on (ioeventfd)
     irq_fd: int           # eventfd that interrupts the guest (an irqfd); -1: no interrupt
     resample_fd: int      # INTx: eventfd KVM signals at the guest's EOI; -1 with MSI-X
-    msix: bool
+
+    @property
+    def msix(self) -> bool:
+        return self.resample_fd < 0
 
 
 class VirtioPciRuntime:
@@ -133,9 +136,9 @@ class VirtioPciRuntime:
         if transport.msix.enabled:
             vector = transport.queues[index].vector
             fd = self.vectors[vector].fd if vector != NO_VECTOR else -1
-            return QueueWiring(self.queue_fds[index], fd, -1, True)
+            return QueueWiring(self.queue_fds[index], fd, -1)
         trigger, resample = self._intx()
-        return QueueWiring(self.queue_fds[index], trigger, resample, False)
+        return QueueWiring(self.queue_fds[index], trigger, resample)
 
     def offload(self, index: int, engine) -> None:
         """``engine`` runs queue ``index`` from now on (see the module doc)."""
