@@ -1,38 +1,56 @@
 #!/bin/busybox sh
 # kvmkit busybox guest /init (installed as /init in initramfs/busybox.cpio).
 #
-# Prints "kvmkit-guest: ..." lines on the console for the host-side tests,
-# runs any /etc/kvmkit-tests/*.sh hooks, then resets the VM.  Hooks can be
-# added without rebuilding: append a second newc archive holding
-# etc/kvmkit-tests/NAME.sh to the image (the kernel unpacks concatenated
-# archives in order).
+# Mounts the kernel's file systems, then hands PID 1 to busybox init with an
+# inittab for one of three modes, chosen on the kernel command line:
 #
-# On a host whose guest userspace cannot make system calls (the project's CI
-# host, see shared/HOST-NOTES.md) this script dies at its first system call
-# and the kernel panics with "Attempted to kill init"; with panic=-1 on the
-# command line the guest then resets.  That is expected there.
+#   kvmkit.init=tests   (the default) print "kvmkit-guest: ..." lines for the
+#                       host-side tests, run the /etc/kvmkit-tests/*.sh hooks,
+#                       then reset (reboot -f).  Hooks are added without
+#                       rebuilding: append a second newc archive holding
+#                       etc/kvmkit-tests/NAME.sh (the kernel unpacks
+#                       concatenated archives in order).
+#   kvmkit.init=report  print what the guest sees (CPUs, memory, devices,
+#                       clock), then power off.  `./demo </dev/null`.
+#   kvmkit.init=shell   a shell on the console (job control through
+#                       cttyhack); leaving it powers off.  `./demo` on a tty.
+#
+# In every mode busybox init is PID 1, so `poweroff`, `reboot` and `halt` end
+# the guest cleanly, Ctrl-Alt-Del (kvmkit stop without ACPI) reboots, and
+# busybox acpid turns the ACPI power button (kvmkit stop with ACPI) into a
+# power-off.
+#
+# Guest userspace runs on the project's nested paravirtual CI host only with
+# the kit's kernel patch (guest/pvm-user-syscall.patch); every system call's
+# kernel side is emulated there (milliseconds each), so keep scripts short.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox mkdir -p /dev/pts /dev/shm
+/bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null
 
-echo "kvmkit-guest: userspace up"
-echo "kvmkit-guest: cpus=$(grep -c '^processor' /proc/cpuinfo)"
-echo "kvmkit-guest: date=$(date +%s)"
-echo "kvmkit-guest: uname=$(uname -r)"
-
-for hook in /etc/kvmkit-tests/*.sh; do
-	[ -f "$hook" ] || continue
-	echo "kvmkit-guest: hook $hook"
-	sh "$hook"
-	echo "kvmkit-guest: hook $hook rc=$?"
+mode=tests
+for word in $(cat /proc/cmdline); do
+	case $word in
+	kvmkit.init=*) mode=${word#kvmkit.init=} ;;
+	esac
 done
 
-echo "kvmkit-guest: done"
-sync
-reboot -f
-# Only reached if the reset did not happen: exiting PID 1 panics the kernel,
-# and panic=-1 resets the VM.
-echo "kvmkit-guest: reboot failed"
-exit 1
+case $mode in
+tests)	main="::once:/etc/kvmkit/tests.sh" ;;
+report)	main="::once:/etc/kvmkit/report.sh" ;;
+shell)	main="::once:/etc/kvmkit/shell.sh" ;;
+*)	echo "kvmkit-guest: unknown kvmkit.init=$mode (tests, report or shell); using tests"
+	main="::once:/etc/kvmkit/tests.sh" ;;
+esac
+
+cat > /etc/inittab <<EOF
+::sysinit:/etc/kvmkit/start.sh
+$main
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/sync
+::shutdown:/bin/umount -a -r
+EOF
+exec /bin/busybox init

@@ -197,8 +197,13 @@ def test_build_kit_no_kernel(tmp_path):
 
     bb = _cpio_list(busybox_cpio)
     names = {ln.split()[-1] if " -> " not in ln else ln.split(" -> ")[0].split()[-1] for ln in bb}
-    for want in ("init", "bin/busybox", "bin/sh", "proc", "sys", "dev", "dev/console"):
+    for want in ("init", "bin/busybox", "bin/sh", "proc", "sys", "dev", "dev/console", "mnt",
+                 "etc/kvmkit/start.sh", "etc/kvmkit/tests.sh", "etc/kvmkit/report.sh",
+                 "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-io", "root/.profile"):
         assert want in names, f"{want} missing from busybox.cpio"
+    for script in ("etc/kvmkit/start.sh", "etc/kvmkit/tests.sh", "etc/kvmkit/report.sh",
+                   "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-io"):
+        assert next(ln for ln in bb if ln.endswith(" " + script)).startswith("-rwx"), script
     console = next(ln for ln in bb if ln.endswith(" dev/console"))
     assert console.startswith("c") and "5,   1" in console
     assert all(" root     root " in ln for ln in bb), "entries not owned by 0:0"
@@ -209,7 +214,7 @@ def test_build_kit_no_kernel(tmp_path):
 
     demo = tomllib.loads((cache / "demo.toml").read_text())
     assert demo["machine"]["vcpus"] == 2
-    assert demo["kernel"]["image"] == "kernels/small/vmlinux"
+    assert demo["kernel"]["image"] == "kernels/acpi/vmlinux"      # poweroff is ACPI S5
     assert (cache / demo["kernel"]["initrd"]).is_file()
     assert "nopv" not in demo["kernel"]["cmdline"]
     assert [d["kind"] for d in demo["device"]] == ["serial8250", "rtc", "i8042"]
@@ -227,3 +232,37 @@ def test_build_kit_no_kernel(tmp_path):
     r = subprocess.run(["bash", "-c", f". {cache / 'kit.env'} && test -f \"$SPIN_CPIO\" && echo ok"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+# -- the kernel patch ---------------------------------------------------------------
+
+PATCH = GUEST / "pvm-user-syscall.patch"
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+
+
+def test_patch_names_the_symbol_build_kit_checks():
+    header = PATCH.read_text().split("\n--- a/", 1)[0]
+    symbols = re.findall(r"^Check-symbol: *(\w+)$", header, re.M)
+    assert symbols == ["kvmkit_user_syscall_fault"]
+    assert f"+static noinstr bool {symbols[0]}(" in PATCH.read_text()
+    assert '"$HERE/pvm-user-syscall.patch"' in BUILD_KIT.read_text()
+
+
+@pytest.mark.skipif(not SOURCE_TARBALL.is_file() or not shutil.which("patch"),
+                    reason="needs linux-source-6.1 and patch installed")
+def test_patch_applies_to_debian_linux_source(tmp_path):
+    member = "linux-source-6.1/arch/x86/mm/fault.c"
+    subprocess.run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", str(tmp_path), member], check=True, timeout=300)
+    src = tmp_path / "linux-source-6.1"
+    r = subprocess.run(["patch", "-p1", "--forward", "--batch"], stdin=PATCH.open("rb"), cwd=src,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    patched = (src / "arch/x86/mm/fault.c").read_text()
+    hook = patched.index("if (kvmkit_user_syscall_fault(regs, error_code, address))")
+    # The check comes first in exc_page_fault, before any of the handler's own work.
+    entry = patched.index("DEFINE_IDTENTRY_RAW_ERRORCODE(exc_page_fault)")
+    assert entry < hook < patched.index("prefetchw(&current->mm->mmap_lock)", entry)
+    # Applying it twice fails loudly rather than stacking a second copy.
+    again = subprocess.run(["patch", "-p1", "--forward", "--batch", "--dry-run"], stdin=PATCH.open("rb"),
+                           cwd=src, capture_output=True, text=True)
+    assert again.returncode != 0

@@ -1,0 +1,12 @@
+#!/bin/sh
+# busybox init's sysinit step (see guest/busybox-init.sh): host name, loopback,
+# and busybox acpid when the kernel has an ACPI power button, so that the
+# button (kvmkit stop on an ACPI guest) powers the guest off.
+hostname kvmkit-guest
+ip link set lo up 2>/dev/null
+for ev in /dev/input/event*; do
+	[ -e "$ev" ] || continue
+	acpid
+	break
+done
+exit 0

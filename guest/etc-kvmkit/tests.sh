@@ -1,0 +1,18 @@
+#!/bin/sh
+# kvmkit.init=tests: what the host-side tests read, then the hooks, then reset.
+echo "kvmkit-guest: userspace up"
+echo "kvmkit-guest: cpus=$(grep -c '^processor' /proc/cpuinfo)"
+echo "kvmkit-guest: date=$(date +%s)"
+echo "kvmkit-guest: uname=$(uname -r)"
+for hook in /etc/kvmkit-tests/*.sh; do
+	[ -f "$hook" ] || continue
+	echo "kvmkit-guest: hook $hook"
+	sh "$hook"
+	echo "kvmkit-guest: hook $hook rc=$?"
+done
+echo "kvmkit-guest: done"
+sync
+# A hook may end the guest its own way (poweroff, halt, ...) and set this.
+[ -e /tmp/kvmkit-no-reset ] && exit 0
+reboot -f
+echo "kvmkit-guest: reboot failed"
