@@ -278,7 +278,7 @@ class Machine:
                 if not any(w.split("=", 1)[0] == key for w in words):
                     words.append(word)
         cmdline = " ".join(words)
-        return host_quirks.extend_cmdline(cmdline) if self.quirks else cmdline
+        return host_quirks.extend_cmdline(cmdline, self.vm.tsc_khz()) if self.quirks else cmdline
 
     # -- running -----------------------------------------------------------------------
     def run(self) -> Stop:

@@ -48,10 +48,20 @@ def resolve(setting: str) -> bool:
     return active
 
 
-def extend_cmdline(cmdline: str) -> str:
-    """Append the quirk words the user has not already given (by key)."""
+def extend_cmdline(cmdline: str, tsc_khz: int | None = None) -> str:
+    """Append the quirk words the user has not already given (by key).
+
+    ``tsc_khz`` (the vCPUs' TSC rate, KVM_GET_TSC_KHZ): with ``nopv`` the
+    guest has no kvmclock, and without an HPET or ACPI PM timer it cannot
+    calibrate its TSC, marks it unstable and keeps time by counting timer
+    ticks, which an emulated kernel loses by the thousand: its clock falls
+    minutes behind.  ``tsc_early_khz`` gives it the rate, so it keeps time
+    with the TSC as on real hardware."""
+    words = list(CMDLINE_WORDS)
+    if tsc_khz:
+        words.append(f"tsc_early_khz={tsc_khz}")
     present = {w.split("=", 1)[0] for w in cmdline.split()}
-    extra = [w for w in CMDLINE_WORDS if w.split("=", 1)[0] not in present]
+    extra = [w for w in words if w.split("=", 1)[0] not in present]
     return " ".join([cmdline, *extra]).strip()
 
 

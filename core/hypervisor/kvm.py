@@ -14,6 +14,7 @@ from ._kvm import ffi, lib
 
 KVM_PATH = "/dev/kvm"
 KVM_API_VERSION = 12
+KVM_GET_TSC_KHZ = 0xAEA3                # _IO(KVMIO, 0xa3)
 
 
 class KvmError(OSError):
@@ -156,6 +157,11 @@ class Vm:
                 struct.pack_into("<IIII", raw, at, gsi, lib.KVM_IRQ_ROUTING_MSI, 0, 0)
                 struct.pack_into("<III", raw, u, address & 0xFFFFFFFF, address >> 32, data)
         _ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
+
+    def tsc_khz(self) -> int | None:
+        """The vCPUs' TSC rate in kHz (KVM_GET_TSC_KHZ on the VM, Linux 6.0+), or None."""
+        r = lib.kvmkit_ioctl_val(self.fd, KVM_GET_TSC_KHZ, 0)
+        return r if r > 0 else None
 
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")

@@ -16,6 +16,14 @@ def test_extend_cmdline_keeps_user_words():
     assert "tsc=reliable" in words and "noxsave" in words
 
 
+def test_extend_cmdline_gives_the_tsc_rate():
+    assert "tsc_early_khz=2445430" in host_quirks.extend_cmdline("console=ttyS0", 2445430).split()
+    assert "tsc_early_khz" not in host_quirks.extend_cmdline("console=ttyS0", None)
+    # the user's own value wins
+    words = host_quirks.extend_cmdline("tsc_early_khz=1000", 2445430).split()
+    assert [w for w in words if w.startswith("tsc_early_khz=")] == ["tsc_early_khz=1000"]
+
+
 def test_resolve_setting(monkeypatch):
     monkeypatch.setattr(host_quirks, "detect", lambda: True)
     assert host_quirks.resolve("auto") is True
