@@ -57,24 +57,29 @@ class Boot:
 
 
 def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
-               when: str | None = None, then=None) -> Boot:
+               when: str | None = None, then=None, triggers=(), stdin=subprocess.DEVNULL) -> Boot:
     """Run kvmkit until it exits.  If ``when`` (a regex) matches a console line,
-    ``then(proc)`` is called once, on its own thread, while reading goes on."""
+    ``then(proc)`` is called once, on its own thread, while reading goes on;
+    ``triggers`` are more such (regex, function) pairs.  ``stdin`` may be
+    ``subprocess.PIPE``: the functions then type to the console through
+    ``proc.stdin``."""
     t0 = time.monotonic()
-    trigger = re.compile(when) if when else None
-    proc = subprocess.Popen(KVMKIT + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    pending = [(re.compile(rx), fn) for rx, fn in triggers]
+    if when:
+        pending.append((re.compile(when), then))
+    proc = subprocess.Popen(KVMKIT + args, stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=cwd)
     lines: list[tuple[float, str]] = []
     err: list[bytes] = []
 
     def read_out():
-        nonlocal trigger
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             lines.append((time.time(), line))
-            if trigger is not None and trigger.search(line):
-                trigger = None
-                threading.Thread(target=then, args=(proc,), daemon=True).start()
+            for pair in list(pending):
+                if pair[0].search(line):
+                    pending.remove(pair)
+                    threading.Thread(target=pair[1], args=(proc,), daemon=True).start()
 
     def read_err():
         err.append(proc.stderr.read())
@@ -93,7 +98,36 @@ def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
             proc.wait()
     for t in threads:
         t.join(timeout=10)
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
     return Boot(proc.returncode, lines, b"".join(err).decode("utf-8", "replace"), time.monotonic() - t0)
+
+
+def newc(files: dict[str, bytes]) -> bytes:
+    """An uncompressed newc cpio archive of regular files (mode 0755)."""
+    out, ino = b"", 0x4B000
+    for name, data in files.items():
+        ino += 1
+        raw = name.encode() + b"\0"
+        head = b"070701" + b"".join(b"%08X" % v for v in (ino, 0o100755, 0, 0, 1, 0, len(data),
+                                                            0, 0, 0, 0, len(raw), 0))
+        out += head + raw + b"\0" * (-(len(head) + len(raw)) % 4) + data + b"\0" * (-len(data) % 4)
+    trailer = b"TRAILER!!!\0"
+    head = b"070701" + b"".join(b"%08X" % v for v in (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+                                                        len(trailer), 0))
+    out += head + trailer + b"\0" * (-(len(head) + len(trailer)) % 4)
+    return out + b"\0" * (-len(out) % 512)
+
+
+def initrd_with_hooks(kit: dict, path: Path, hooks: dict[str, str]) -> Path:
+    """The kit's busybox initramfs plus ``hooks`` (name -> shell script) as
+    /etc/kvmkit-tests/NAME.sh, which its /init runs in name order."""
+    path.write_bytes(kit["BUSYBOX_CPIO"].read_bytes()
+                     + newc({f"etc/kvmkit-tests/{name}.sh": text.encode() for name, text in hooks.items()}))
+    return path
 
 
 # The devices most test machines have: the console, the clock and the reset.
@@ -105,6 +139,8 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))           # a TOML basic string
 
 

@@ -4,9 +4,9 @@ serial port, the clock and the keyboard controller through the DSDT; its ACPI
 reset (``reboot=acpi``) ends kvmkit with status 0; the power button reaches
 the guest.  And ``acpi = false`` leaves no RSDP in guest memory.
 
-Guest userspace cannot run on the nested CI host, so the guest's own
-``poweroff`` is only tested where it can (not here): the sleep registers are
-covered by unit tests and by the kernel's reset path here.
+The guest's own ``poweroff`` (ACPI S5) is tested from its userspace in
+test_userspace.py; here ``kvmkit stop`` presses the power button and the
+guest's busybox acpid powers it off.
 """
 import os
 import signal
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from guest import machine_file, run_kvmkit
+from guest import initrd_with_hooks, machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
@@ -71,36 +71,47 @@ def test_acpi_reset_ends_kvmkit_with_0(reset_boot):
     assert "the guest runs ACPI" in reset_boot.stderr, reset_boot.describe()
 
 
-def test_power_button_reaches_the_guest(guest_kit, tmp_path_factory):
+WAIT_FOR_BUTTON = ('#!/bin/sh\necho "kvmkit-guest: waiting for the power button"\n'
+                   'touch /tmp/kvmkit-no-reset\nwhile :; do sleep 5; done\n')
+
+
+def test_power_button_powers_the_guest_off(guest_kit, tmp_path_factory):
     """A graceful stop presses the ACPI power button (the GED's interrupt);
-    the guest's _EVT notifies PWRB and reports it took the event.  With no
-    userspace (acpid, logind) Linux does not act on the button, so kvmkit
-    then stops the VM itself after the timeout (status 3)."""
+    the guest's _EVT notifies PWRB, the kernel's button driver reports a key,
+    busybox acpid in the guest runs ``poweroff``, and the guest's S5 ends
+    kvmkit with status 0."""
     d = tmp_path_factory.mktemp("acpi-button")
     xdg = d / "xdg"
     xdg.mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(xdg)}
-    machine = acpi_machine(d, "acpi-button", guest_kit["ACPI_VMLINUX"], guest_kit["SPIN_CPIO"])
+    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"wait": WAIT_FOR_BUTTON})
+    machine = acpi_machine(d, "acpi-button", guest_kit["ACPI_VMLINUX"], initrd)
     proc = subprocess.Popen([sys.executable, "-m", "kvmkit", "-v", "run", str(machine)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stop = None
     try:
         deadline = time.monotonic() + 900
         console = []
         for raw in proc.stdout:
             console.append(raw.decode("utf-8", "replace").rstrip())
-            if "Run /init" in console[-1] or time.monotonic() > deadline:
+            if "waiting for the power button" in console[-1] or time.monotonic() > deadline:
                 break
-        assert any("Run /init" in line for line in console), "\n".join(console[-30:])
-        stop = subprocess.run([sys.executable, "-m", "kvmkit", "stop", "acpi-button", "--timeout", "60"],
-                              env=env, capture_output=True, text=True, timeout=200)
+        assert any("waiting for the power button" in line for line in console), "\n".join(console[-30:])
+        stop = subprocess.run([sys.executable, "-m", "kvmkit", "stop", "acpi-button", "--timeout", "120"],
+                              env=env, capture_output=True, text=True, timeout=300)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     err = err.decode("utf-8", "replace")
+    console += out.decode("utf-8", "replace").splitlines()
+    text = "\n".join(console)
     assert "pressing the ACPI power button" in err, err[-3000:] + stop.stdout + stop.stderr
     assert "the guest took the power-button event" in err, err[-3000:]
+    assert "The system is going down NOW!" in text or "Sent SIGTERM to all processes" in text, text[-3000:]
+    assert stop.returncode == 0 and "(exit status 0)" in stop.stdout, stop.stdout + stop.stderr
+    assert proc.returncode == 0 and "guest power-off" in err, err[-3000:]
 
 
 # -- acpi = false ------------------------------------------------------------------------

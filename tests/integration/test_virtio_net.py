@@ -26,7 +26,7 @@ import time
 import pytest
 
 import guest
-from guest import run_kvmkit
+from guest import initrd_with_hooks, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
@@ -244,7 +244,9 @@ def tap_boot(guest_kit, netns, tmp_path_factory, request):
     collector = UdpCollector(listener)
     cmdline = (f"console=ttyS0 panic=-1 ip={GUEST_IP}::{HOST_IP}:255.255.255.0:kvmkit:eth0:off "
                f"netconsole={NETCONSOLE_SRC_PORT}@{GUEST_IP}/eth0,6666@{HOST_IP}/{host_mac}{extra}")
-    m = machine_file(d, guest_kit["SMALL_VMLINUX"], guest_kit["SPIN_CPIO"], cmdline,
+    xfer = Transfer(d, HOST_IP, ns.socket)
+    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"tap": xfer.hook(HOST_IP)})
+    m = machine_file(d, guest_kit["SMALL_VMLINUX"], initrd, cmdline,
                      'backend = "tap"\nifname = "kvtap0"\nmac = "52:54:00:4b:56:4d"\n'
                      f'queue = "{queue}"', name="nettap")
     observed = {}
@@ -253,6 +255,7 @@ def tap_boot(guest_kit, netns, tmp_path_factory, request):
         try:
             observed["rtts"] = ping(ns, GUEST_IP, count=3, timeout=60, interval=1.0)
             observed["netconsole"] = collector.wait_for("Run /init", 60)
+            observed["transfer"] = xfer.wait(600)
             observed["counters"] = ns.counters("kvtap0")
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -260,18 +263,19 @@ def tap_boot(guest_kit, netns, tmp_path_factory, request):
     try:
         with pytest.MonkeyPatch.context() as mp:      # kvmkit runs inside the namespace
             mp.setattr(guest, "KVMKIT", ns.exec_prefix() + guest.KVMKIT)
-            result = run_kvmkit(["-v", "run", str(m)], timeout=900,
+            result = run_kvmkit(["-v", "run", str(m)], timeout=1200,
                                 when=r"Run /init as init process", then=checks)
     finally:
         collector.close()
+        xfer.close()
         ns.ip("link", "del", "kvtap0")        # the next variant makes its own
     print(result.describe())
     print("observed:", observed)
-    return result, collector, observed, request.param
+    return result, collector, observed, request.param, xfer
 
 
 def test_transmit_runs_where_the_queue_key_says(tap_boot):
-    result, _, _, (queue, extra) = tap_boot
+    result, _, _, (queue, extra), _ = tap_boot
     engine = re.search(r"the transmit queue runs on the native engine's C thread \((\S+)\)",
                        result.stderr)
     if queue == "native":
@@ -288,20 +292,20 @@ def test_guest_kernel_configures_its_static_address(tap_boot):
 
 
 def test_host_pings_the_guest_kernel_over_the_tap(tap_boot):
-    result, _, observed, _ = tap_boot
+    result, _, observed, _, _ = tap_boot
     rtts = observed.get("rtts")
     assert rtts and len(rtts) == 3, (observed, result.describe())
 
 
 def test_netconsole_over_the_tap(tap_boot):
-    result, collector, observed, _ = tap_boot
+    result, collector, observed, _, _ = tap_boot
     assert observed.get("netconsole"), (collector.text()[-2000:], result.describe())
     assert all(peer == (GUEST_IP, NETCONSOLE_SRC_PORT) for _, _, peer in collector.datagrams)
     assert "Run /init as init process" in collector.text()
 
 
 def test_tap_boot_ends_cleanly(tap_boot):
-    result, _, observed, _ = tap_boot
+    result, _, observed, _, _ = tap_boot
     assert result.returncode == 143, result.describe()
     assert "Traceback" not in result.stderr
     assert "TapBackend('kvtap0')" in result.stderr
@@ -309,85 +313,104 @@ def test_tap_boot_ends_cleanly(tap_boot):
     assert counters["tx_packets"] >= 3 and counters["rx_packets"] >= 3   # pings and answers
 
 
-# -- boot 3: a file both ways, where guest userspace runs ------------------------------------------
+# -- files both ways: over the tap (above) and over slirp (boot 3) ---------------------------------
 
 OUT_SIZE = 512 * 1024
 
 
-def newc(files: dict[str, bytes]) -> bytes:
-    """An uncompressed newc cpio archive of regular files (mode 0755)."""
-    out, ino = b"", 0x4B000
-    for name, data in files.items():
-        ino += 1
-        raw = name.encode() + b"\0"
-        head = b"070701" + b"".join(b"%08X" % v for v in (ino, 0o100755, 0, 0, 1, 0, len(data),
-                                                            0, 0, 0, 0, len(raw), 0))
-        out += head + raw + b"\0" * (-(len(head) + len(raw)) % 4) + data + b"\0" * (-len(data) % 4)
-    trailer = b"TRAILER!!!\0"
-    head = b"070701" + b"".join(b"%08X" % v for v in (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
-                                                        len(trailer), 0))
-    out += head + trailer + b"\0" * (-(len(head) + len(trailer)) % 4)
-    return out + b"\0" * (-len(out) % 512)
+class Transfer:
+    """A host HTTP server with a random blob for the guest to fetch, and a TCP
+    sink for a random file the guest sends; the guest's hook prints both md5s."""
+
+    def __init__(self, d, address: str, make_socket=socket.socket):
+        self.blob = os.urandom(1 << 20)
+        (d / "blob").write_bytes(self.blob)
+        self.received = bytearray()
+        self.done = threading.Event()
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(d), **kw)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((address, 0), Quiet, bind_and_activate=False)
+        self.httpd.socket = make_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.httpd.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.httpd.server_bind()
+        self.httpd.server_activate()
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.sink = make_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sink.bind((address, 0))
+        self.sink.listen(1)
+        self.sink.settimeout(900)
+        threading.Thread(target=self._take, daemon=True).start()
+
+    def _take(self):                         # all of it, then close: busybox nc ends on EOF
+        try:
+            conn, _ = self.sink.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(120)
+            try:
+                while len(self.received) < OUT_SIZE and (chunk := conn.recv(65536)):
+                    self.received.extend(chunk)
+            except OSError:
+                pass
+        self.done.set()
+
+    def hook(self, host: str) -> str:
+        return (f"#!/bin/sh\n"
+                f"wget -q -O /tmp/in http://{host}:{self.httpd.server_address[1]}/blob\n"
+                f"echo \"kvmkit-guest: net-in $(md5sum /tmp/in | cut -d' ' -f1)\"\n"
+                f"dd if=/dev/urandom of=/tmp/out bs=1024 count={OUT_SIZE // 1024} 2>/dev/null\n"
+                f"echo \"kvmkit-guest: net-out $(md5sum /tmp/out | cut -d' ' -f1)\"\n"
+                f"nc -w 10 {host} {self.sink.getsockname()[1]} < /tmp/out\n"
+                f"touch /tmp/kvmkit-no-reset\n")   # the test stops the VM
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(timeout)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.sink.close()
+
+    def check(self, result):
+        got = result.find(r"kvmkit-guest: net-in ([0-9a-f]{32})")
+        assert got, result.describe()
+        assert got[1][1] == hashlib.md5(self.blob).hexdigest()
+        sent = result.find(r"kvmkit-guest: net-out ([0-9a-f]{32})")
+        assert sent, result.describe()
+        assert len(self.received) == OUT_SIZE and hashlib.md5(self.received).hexdigest() == sent[1][1]
+
+
+def test_files_both_ways_over_the_tap(tap_boot):
+    result, _, observed, _, xfer = tap_boot
+    assert observed.get("transfer"), (observed, result.describe())
+    xfer.check(result)
 
 
 @pytest.fixture(scope="module")
-def transfer_boot(guest_kit, on_pvm_host, tmp_path_factory):
-    if on_pvm_host:
-        pytest.skip("guest userspace cannot make system calls on this host (nested paravirtual "
-                    "KVM, see HOST-NOTES.md); the kernel-level checks cover the device here")
+def transfer_boot(guest_kit, tmp_path_factory):
     require_slirp()
     d = tmp_path_factory.mktemp("net-xfer")
-    blob = os.urandom(1 << 20)
-    (d / "blob").write_bytes(blob)
-    received = bytearray()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(d), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    sink = socket.create_server(("127.0.0.1", 0))
-    sink_port = sink.getsockname()[1]
-
-    def take():                             # all of it, then close: busybox nc ends on EOF
-        conn, _ = sink.accept()
-        with conn:
-            while len(received) < OUT_SIZE and (chunk := conn.recv(65536)):
-                received.extend(chunk)
-    threading.Thread(target=take, daemon=True).start()
-    script = (f"#!/bin/sh\n"
-              f"wget -q -O /tmp/in http://10.0.2.2:{httpd.server_address[1]}/blob\n"
-              f"echo \"kvmkit-guest: net-in $(md5sum /tmp/in | cut -d' ' -f1)\"\n"
-              f"dd if=/dev/urandom of=/tmp/out bs=1024 count={OUT_SIZE // 1024} 2>/dev/null\n"
-              f"echo \"kvmkit-guest: net-out $(md5sum /tmp/out | cut -d' ' -f1)\"\n"
-              f"nc -w 10 10.0.2.2 {sink_port} < /tmp/out\n")
-    initrd = d / "initrd.cpio"
-    initrd.write_bytes(guest_kit["BUSYBOX_CPIO"].read_bytes()
-                       + newc({"etc/kvmkit-tests/net.sh": script.encode()}))
+    xfer = Transfer(d, "127.0.0.1")
+    hook = xfer.hook("10.0.2.2") + "reboot -f\n"
+    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"net": hook})
     m = machine_file(d, guest_kit["SMALL_VMLINUX"], initrd,
-                     "console=ttyS0 panic=-1 reboot=k ip=dhcp", "", name="netxfer")
+                     "console=ttyS0 panic=-1 reboot=t ip=dhcp", "", name="netxfer")
     try:
         result = run_kvmkit(["run", str(m)], timeout=900)
     finally:
-        httpd.shutdown()
-        sink.close()
+        xfer.close()
     print(result.describe())
-    return result, blob, bytes(received)
+    return result, xfer
 
 
-def test_file_from_host_to_guest(transfer_boot):
-    result, blob, _ = transfer_boot
-    got = result.find(r"kvmkit-guest: net-in ([0-9a-f]{32})")
-    assert got, result.describe()
-    assert got[1][1] == hashlib.md5(blob).hexdigest()
-
-
-def test_file_from_guest_to_host(transfer_boot):
-    result, _, received = transfer_boot
-    sent = result.find(r"kvmkit-guest: net-out ([0-9a-f]{32})")
-    assert sent, result.describe()
-    assert len(received) == OUT_SIZE and hashlib.md5(received).hexdigest() == sent[1][1]
+def test_files_both_ways_over_slirp(transfer_boot):
+    result, xfer = transfer_boot
+    xfer.check(result)
+    assert result.returncode == 0, result.describe()
