@@ -2,7 +2,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from stevedore import ExtensionManager
+
+from kvmkit import entry_points as kvmkit_entry_points
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributions import write_distribution  # noqa: E402
@@ -21,10 +22,10 @@ def throwaway_dist(tmp_path, monkeypatch):
         for module in modules:
             sys.modules.pop(module, None)
             added.append(module)
-        ExtensionManager.ENTRY_POINT_CACHE.clear()
+        kvmkit_entry_points.forget()
         return where
 
     yield make
     for module in added:
         sys.modules.pop(module, None)
-    ExtensionManager.ENTRY_POINT_CACHE.clear()
+    kvmkit_entry_points.forget()

@@ -3,7 +3,8 @@ import sys
 import textwrap
 
 import pytest
-from stevedore import ExtensionManager
+
+from kvmkit import entry_points as kvmkit_entry_points
 
 from kvmkit.plugins import PluginError, load_kinds, new_manager
 
@@ -22,9 +23,9 @@ def fake_dist(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(str(tmp_path))
         for name in modules:
             sys.modules.pop(name, None)
-        ExtensionManager.ENTRY_POINT_CACHE.clear()      # stevedore caches per process
+        kvmkit_entry_points.forget()      # the scan is kept per process
     yield make
-    ExtensionManager.ENTRY_POINT_CACHE.clear()
+    kvmkit_entry_points.forget()
 
 
 GOOD = """
