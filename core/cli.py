@@ -1,103 +1,45 @@
-"""The ``kvmkit`` command."""
+"""The ``kvmkit`` command.
+
+Start-up time is part of what kvmkit offers, so this module imports only
+``argparse``: each command imports what it needs when it runs (``kvmkit
+--version`` loads no machine code, ``kvmkit list`` no KVM code).
+"""
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import time
-import tomllib
-from importlib import resources
-from pathlib import Path
 
 from . import __version__
 from .cli_control import add_commands as add_control_commands
 from .cli_inspect import add_commands as add_inspect_commands
-from .config import ConfigError, load_machine_file, machine_from_dict
-from .control import ControlError, ControlServer
-from .detach import run_detached
-from .hypervisor.kvm import KvmError, KvmUnavailable
-from .machine import Machine, MachineError
-from .plugins import PluginError, installed_kinds
-from .plugin_api import EXIT_ERROR, EXIT_USAGE
-from .vcpu import EXIT_NAMES
 
-log = logging.getLogger("kvmkit")
+EXIT_ERROR = 1                 # kvmkit.plugin_api's EXIT_ERROR and EXIT_USAGE, without importing it
+EXIT_USAGE = 2
 
-
-def _parse_value(text: str):
-    """A --device value: a TOML scalar (0x3f8, true, 1.5, "x") or else a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+# Errors that mean bad input (EXIT_USAGE) or a failure of KVM (EXIT_ERROR):
+# (module, class).  A class whose module was never imported cannot have been
+# raised, so main() looks only in sys.modules.
+_ERRORS = ((EXIT_USAGE, "kvmkit.config", "ConfigError"), (EXIT_USAGE, "kvmkit.plugins", "PluginError"),
+           (EXIT_USAGE, "kvmkit.machine", "MachineError"), (EXIT_USAGE, "kvmkit.control", "ControlError"),
+           (EXIT_ERROR, "kvmkit.hypervisor.kvm", "KvmUnavailable"),
+           (EXIT_ERROR, "kvmkit.hypervisor.kvm", "KvmError"))
 
 
-def parse_device_flag(text: str) -> dict:
-    """``kind,key=value,...`` -> a [[device]] table."""
-    kind, *pairs = text.split(",")
-    if not kind or "=" in kind:
-        raise ConfigError(f"--device {text!r}: start with the device kind, e.g. "
-                          "--device serial8250,backend=file,path=console.log")
-    table: dict = {"kind": kind}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--device {text!r}: {pair!r} is not key=value")
-        table[key] = _parse_value(value)
-    return table
-
-
-def _defaults() -> dict:
-    return tomllib.loads(resources.files("kvmkit").joinpath("defaults.toml").read_text())
-
-
-def machine_config(args):
-    """The machine file (or the defaults) with the command-line flags applied."""
-    cwd = Path.cwd()
-    if args.machine:
-        source = Path(args.machine)
-        data = load_machine_file(source)
-        base_dir, default_name = source.parent.absolute(), source.stem
-    else:
-        source, base_dir, default_name = None, cwd, "kvmkit"
-        data = _defaults()
-        installed = installed_kinds()
-        flagged = {parse_device_flag(d)["kind"] for d in args.device}
-        data["device"] = [d for d in data.get("device", [])
-                          if d["kind"] in installed and d["kind"] not in flagged]
-        if args.kernel is None:
-            raise ConfigError("no machine file and no --kernel: give a machine file "
-                              "(kvmkit run machine.toml) or --kernel PATH")
-    machine = data.setdefault("machine", {})
-    kernel = data.setdefault("kernel", {})
-    for flag, table, key in (("name", machine, "name"), ("memory", machine, "memory"),
-                             ("vcpus", machine, "vcpus"), ("host_quirks", machine, "host_quirks"),
-                             ("append", kernel, "cmdline")):
-        value = getattr(args, flag)
-        if value is not None:
-            table[key] = value
-    for flag, key in (("kernel", "image"), ("initrd", "initrd")):
-        value = getattr(args, flag)
-        if value is not None:                # flags are relative to the working directory
-            kernel[key] = str((cwd / value).absolute())
-    if isinstance(data.get("device", []), list):
-        data.setdefault("device", []).extend(parse_device_flag(d) for d in args.device)
-    return machine_from_dict(data, source=source, base_dir=base_dir, default_name=default_name)
-
-
-class _TerminalSafeHandler(logging.StreamHandler):
-    """Log lines end in CR LF while the serial console may hold the terminal raw."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-        if sys.stderr.isatty():
-            self.terminator = "\r\n"
+def _error_status(error: Exception) -> int | None:
+    for status, module, name in _ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return status
+    return None
 
 
 def setup_logging(verbose: int, log_file: str | None) -> None:
+    import logging
     level = logging.WARNING - 10 * min(verbose, 2)
-    handlers: list[logging.Handler] = [_TerminalSafeHandler()]
+    console = logging.StreamHandler(sys.stderr)
+    if sys.stderr.isatty():              # the serial console may hold the terminal raw
+        console.terminator = "\r\n"
+    handlers: list[logging.Handler] = [console]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
     fmt = logging.Formatter("kvmkit: %(name)s: %(message)s")
@@ -109,7 +51,8 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
     root.propagate = False
 
 
-def _summary(machine: Machine, stop, elapsed: float) -> str:
+def _summary(machine, stop, elapsed: float) -> str:
+    from .vcpu import EXIT_NAMES
     counts = machine.exit_counts()
     total = sum(counts.values())
     parts = ", ".join(f"{EXIT_NAMES.get(k, k)} {v}" for k, v in
@@ -126,8 +69,10 @@ def _summary(machine: Machine, stop, elapsed: float) -> str:
 
 
 def cmd_run(args) -> int:
+    from .machine_flags import machine_config
     config = machine_config(args)
     if args.detach:
+        from .detach import run_detached
         return run_detached(config.name, lambda ready: _run(config, ready))
     return _run(config)
 
@@ -135,6 +80,11 @@ def cmd_run(args) -> int:
 def _run(config, ready=None) -> int:
     """Build and run the machine with its control socket; ``ready()`` is
     called once it is built (a detached parent waits for that)."""
+    import signal
+    import time
+
+    from .control import ControlServer
+    from .machine import Machine
     machine = Machine(config)
     control = ControlServer(machine, config.name)
     stop = None
@@ -194,16 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(2 if args.debug else args.verbose, args.log_file)
     try:
         return args.func(args)
-    except (ConfigError, PluginError, MachineError, ControlError) as e:
+    except Exception as e:
+        status = _error_status(e)
+        if status is None:
+            raise
         if args.debug:
-            log.exception("details")
+            import logging
+            logging.getLogger("kvmkit").exception("details")
         print(f"kvmkit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (KvmUnavailable, KvmError) as e:
-        if args.debug:
-            log.exception("details")
-        print(f"kvmkit: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return status
     except KeyboardInterrupt:
         return 130
 

@@ -1,14 +1,14 @@
-"""`kvmkit list|status|pause|resume|stop|kill|console`: talk to running VMs."""
+"""`kvmkit list|status|pause|resume|stop|kill|console`: talk to running VMs.
+
+The control and console modules are imported by the commands that use them,
+so that registering these commands costs ``kvmkit run`` nothing."""
 from __future__ import annotations
 
-import json
 import sys
-
-from .console import attach
-from .control import ControlError, request, running_vms
 
 
 def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
+    from .control import ControlError, request
     reply = request(name, cmd, wait_s, **args)
     if not reply.get("ok"):
         raise ControlError(f"{name}: {reply.get('error', 'the VM refused the request')}")
@@ -21,8 +21,10 @@ def _describe(s: dict) -> str:
 
 
 def cmd_list(args) -> int:
+    from .control import running_vms
     names = running_vms()
     if args.json:
+        import json
         print(json.dumps([_answer(n, "status") for n in names]))
         return 0
     if not names:
@@ -35,6 +37,7 @@ def cmd_list(args) -> int:
 def cmd_status(args) -> int:
     s = _answer(args.name, "status")
     if args.json:
+        import json
         print(json.dumps(s, indent=2))
         return 0
     print(_describe(s))
@@ -73,6 +76,7 @@ def cmd_kill(args) -> int:
 
 
 def cmd_console(args) -> int:
+    from .console import attach
     return attach(args.name)
 
 

@@ -3,12 +3,8 @@ machine file, never starting a VM (and never opening ``/dev/kvm``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-
-from .catalog import describe, format_key, load_installed, markdown_table
-from .preflight import check_machine
 
 
 def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
@@ -35,6 +31,7 @@ def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_plugins(args) -> int:
+    from .catalog import load_installed
     entries = load_installed(args.kinds or None)
     try:
         return _print_plugins(entries, args.json, args.markdown)
@@ -44,7 +41,9 @@ def cmd_plugins(args) -> int:
 
 
 def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
+    from .catalog import describe, format_key, markdown_table
     if as_json:
+        import json
         json.dump([describe(e) for e in entries], sys.stdout, indent=2)
         print()
         return 0
@@ -78,7 +77,8 @@ def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
 
 
 def cmd_check(args) -> int:
-    from .cli import machine_config         # cli imports this module to register the commands
+    from .machine_flags import machine_config
+    from .preflight import check_machine
     checked = check_machine(machine_config(args))
     print(f"ok: {checked.summary()}")
     return 0
