@@ -84,6 +84,23 @@ class GuestMemory:
         off = self._offset(gpa, len(data))
         self._buf[off:off + len(data)] = data
 
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero a range.  Whole pages of the anonymous mapping are given back
+        to the kernel (MADV_DONTNEED: they read as zero again and take no
+        host memory until the guest touches them); only partial pages at the
+        ends are written."""
+        off = self._offset(gpa, length)
+        end = off + length
+        if self._map is not None:
+            first = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+                self._buf[off:first] = bytes(first - off)
+                self._buf[last:end] = bytes(end - last)
+                return
+        self._buf[off:end] = bytes(length)
+
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.view(gpa, size), "little")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .boot import bzimage, elf
 from .boot.errors import BootError
+from .boot.image import map_file
 from .config import ConfigError, MachineConfig, validate_device
 from .plugin_api import DeviceConfig
 from .virtio.backends import BackendError, resolve as resolve_queue_backend
@@ -24,7 +25,7 @@ from .plugins import LoadedKind, load_kinds, new_manager
 class CheckedMachine:
     config: MachineConfig
     kernel_format: str                           # "ELF vmlinux" or "bzImage"
-    kernel_data: bytes = dataclasses.field(repr=False)   # the image as checked: the loader's input
+    kernel_data: bytes = dataclasses.field(repr=False)   # the image as checked (mapped): the loader's input
     devices: tuple[DeviceConfig, ...]
     kinds: dict[str, LoadedKind]
     queues: tuple[str | None, ...]               # per device: its queue backend's name, if virtio
@@ -58,7 +59,10 @@ def check_machine(config: MachineConfig, pm=None) -> CheckedMachine:
         _check_readable(where, "initrd", kernel.initrd)
         if kernel.initrd.stat().st_size == 0:
             raise ConfigError(f"{where}: [kernel] initrd: {kernel.initrd} is empty")
-    data = kernel.image.read_bytes()             # the segment checks need the whole file
+    try:
+        data = map_file(kernel.image)            # the segment checks need the whole file
+    except OSError as e:
+        raise ConfigError(f"{where}: [kernel] image: cannot read {kernel.image}: {e.strerror}") from None
     fmt = kernel_format(where, kernel.image, data)
     return CheckedMachine(config, fmt, data, devices, loaded, _queue_backends(config, devices))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import bzimage, e820, elf, initrd as initrd_mod, layout, mptable, pagetables, params
 from .errors import BootError
-from .image import KernelImage
+from .image import KernelImage, map_file
 
 __all__ = ["BootSetup", "BootError", "load_linux"]
 
@@ -32,9 +32,9 @@ class BootSetup:
     kernel_end: int
 
 
-def _read_kernel(path: Path) -> bytes:
+def _read_kernel(path: Path):
     try:
-        return path.read_bytes()
+        return map_file(path)
     except FileNotFoundError:
         raise BootError(f"kernel image not found: {path} (check [kernel] image)") from None
     except OSError as exc:
@@ -53,10 +53,11 @@ def _load_kernel(mem, path: Path, data: bytes | None) -> KernelImage:
 
 
 def load_linux(mem, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int,
-               *, acpi_rsdp_addr: int = 0, pci_irqs=(), kernel_data: bytes | None = None) -> BootSetup:
+               *, acpi_rsdp_addr: int = 0, pci_irqs=(), kernel_data=None) -> BootSetup:
     """Load everything the kernel needs at its 64-bit entry; BootError on any
-    bad input.  ``kernel_data``: the image's bytes if the caller read them
-    already (``kernel`` then only names it)."""
+    bad input.  ``kernel_data``: the image's bytes (or its mapping,
+    :func:`~kvmkit.boot.image.map_file`) if the caller has them already
+    (``kernel`` then only names it)."""
     if not mem.contains(0, layout.HIGH_MEMORY_START):
         raise BootError(f"memory too small: the boot area alone needs 1 MiB, machine has {mem.size // layout.KIB} KiB")
     mp = mptable.build(vcpus, pci_irqs=pci_irqs)    # checks vcpus before anything is written

@@ -109,6 +109,6 @@ def load(mem, data: bytes, name: str, how: str = "vmlinux ELF") -> KernelImage:
     for s in segments:
         mem.write(s.paddr, view[s.offset:s.offset + s.filesz])
         if s.memsz > s.filesz:
-            mem.view(s.paddr + s.filesz, s.memsz - s.filesz)[:] = bytes(s.memsz - s.filesz)
+            mem.zero(s.paddr + s.filesz, s.memsz - s.filesz)
     return KernelImage(entry=entry, start=min(s.paddr for s in segments),
                        end=max(s.end for s in segments), how=how)
