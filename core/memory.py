@@ -1,8 +1,8 @@
 """Guest RAM: one anonymous mapping, split around the PCI hole below 4 GiB."""
 from __future__ import annotations
 
-import dataclasses
 import mmap
+from typing import NamedTuple
 
 from .plugin_api import GuestMemoryError
 
@@ -10,8 +10,7 @@ PCI_HOLE_START = 0xC000_0000     # RAM stops here when the guest has more than 3
 FOUR_GIB = 1 << 32
 
 
-@dataclasses.dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     gpa: int          # guest-physical start
     size: int
     offset: int       # offset into the host mapping

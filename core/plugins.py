@@ -6,7 +6,7 @@ spec does not match its entry-point name, is an error naming the plugin.
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import pluggy
 
@@ -20,8 +20,7 @@ class PluginError(Exception):
     """A device plugin is missing or broken."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedKind:
+class LoadedKind(NamedTuple):
     spec: DeviceSpec
     plugin: object                  # the registered plugin object (usually a module)
     distribution: str

@@ -7,13 +7,13 @@ running or a :class:`Stop`.  Tests drive it with made-up exits.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
 import logging
 import os
 import signal
 import threading
 import time
+from typing import NamedTuple
 
 from .hypervisor import host_quirks
 from .hypervisor._kvm import lib
@@ -26,8 +26,7 @@ EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
 
 
-@dataclasses.dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):
     reason: str
     code: int
 

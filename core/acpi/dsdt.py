@@ -8,7 +8,7 @@ resources say level/active-high.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import aml
 
@@ -22,8 +22,7 @@ OSPM_READY = 1                     # GED._INI wrote this: the guest runs ACPI
 EVENT_TAKEN = 2                    # GED._EVT wrote this: the guest took a power-button event
 
 
-@dataclass(frozen=True)
-class PciLayout:
+class PciLayout(NamedTuple):
     io_windows: tuple[tuple[int, int], ...]       # inclusive (lo, hi) I/O port windows
     mmio32: tuple[int, int]                       # inclusive 32-bit memory window
     mmio64: tuple[int, int] | None                # inclusive 64-bit memory window, or none

@@ -3,7 +3,7 @@ MADT and DSDT, each 16-byte aligned, all inside one reserved area (the BIOS
 area 0xF0000-0xFFFFF, which e820 reserves and Linux scans for the RSDP)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import dsdt, tables
 from .tables import Override, PowerRegisters
@@ -19,8 +19,7 @@ class AcpiLayoutError(Exception):
     """The tables do not fit where they must go."""
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(NamedTuple):
     base: int
     blob: bytes                       # written at base
     rsdp_addr: int

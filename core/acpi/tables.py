@@ -3,7 +3,7 @@ checksum, RSDP, XSDT, FADT, FACS, MADT, and a DSDT wrapper for AML."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OEM_ID = b"KVMKIT"
 OEM_TABLE_ID = b"KVMKIT  "
@@ -84,8 +84,7 @@ def gas(space: int, address: int, bit_width: int = 8, access: int = ACCESS_BYTE)
 NO_GAS = bytes(12)
 
 
-@dataclass(frozen=True)
-class PowerRegisters:
+class PowerRegisters(NamedTuple):
     """Where the platform's fixed ACPI registers are, all in I/O space (see platform.py)."""
     pm1a_event: int              # PM1_STS (2 bytes) then PM1_EN (2 bytes)
     pm1a_control: int            # PM1_CNT (2 bytes)
@@ -144,8 +143,7 @@ def fadt(dsdt_addr: int, facs_addr: int, regs: PowerRegisters) -> bytes:
     return table(b"FACP", FADT_REVISION, bytes(body))
 
 
-@dataclass(frozen=True)
-class Override:
+class Override(NamedTuple):
     """An interrupt source override: ISA ``irq`` arrives at ``gsi`` with these MPS INTI flags."""
     irq: int
     gsi: int

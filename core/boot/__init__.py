@@ -9,8 +9,8 @@ the MP table, and returns what the vCPU needs: the caller sets long mode
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import bzimage, e820, elf, initrd as initrd_mod, layout, mptable, pagetables, params
 from .errors import BootError
@@ -21,8 +21,7 @@ __all__ = ["BootSetup", "BootError", "load_linux"]
 log = logging.getLogger("kvmkit.boot")
 
 
-@dataclass(frozen=True)
-class BootSetup:
+class BootSetup(NamedTuple):
     entry: int        # guest-physical 64-bit entry point (the vCPU's RIP)
     boot_params: int  # gpa of the zero page (the vCPU's RSI)
     cr3: int          # gpa of the PML4 of the identity map

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import decompress, elf, layout
 from .errors import BootError
@@ -18,8 +18,7 @@ XLF_KERNEL_64 = 0x01
 ENTRY_64_OFFSET = 0x200   # startup_64 of the protected-mode kernel
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     version: int
     setup_sects: int              # 0 in the file means 4
     header_end: int               # 0x202 + byte at 0x201, capped at 144 bytes of header

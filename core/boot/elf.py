@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..memory import PCI_HOLE_START
 from . import layout
@@ -19,8 +19,7 @@ EM_X86_64 = 62
 PT_LOAD = 1
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     offset: int
     vaddr: int
     paddr: int

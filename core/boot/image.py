@@ -1,13 +1,12 @@
 """What loading a kernel into guest memory produced."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import layout
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(NamedTuple):
     entry: int                    # guest-physical 64-bit entry point
     start: int                    # lowest guest-physical byte the kernel occupies
     end: int                      # first byte past the kernel (initrd goes above it)

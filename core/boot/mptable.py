@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 from . import layout
 from .errors import BootError
@@ -25,8 +24,7 @@ FLOATING_SIZE = 16
 CONFIG_HEADER_SIZE = 44
 
 
-@dataclass(frozen=True)
-class MpTable:
+class MpTable(NamedTuple):
     floating: bytes       # "_MP_" floating pointer, 16 bytes, checksummed
     config: bytes         # "PCMP" configuration table, checksummed
     entry_count: int

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import layout
 
@@ -18,8 +18,7 @@ TABLE_FLAGS = PRESENT | WRITABLE
 LARGE_PAGE_FLAGS = PRESENT | WRITABLE | PAGE_SIZE_2M
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """A decoded segment descriptor, in the terms of struct kvm_segment."""
     base: int
     limit: int     # in bytes - 1, granularity applied

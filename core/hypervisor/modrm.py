@@ -6,7 +6,7 @@ ModRM with SIB, displacement and RIP-relative addressing.
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 REGS64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -18,8 +18,7 @@ class DecodeError(ValueError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
-class MemOperand:
+class MemOperand(NamedTuple):
     opcode: bytes          # after the prefixes, e.g. b"\x0f\xae"
     reg: int               # ModRM.reg (with REX.R), the /digit for group opcodes
     length: int            # the whole instruction's length in bytes

@@ -18,7 +18,7 @@ Callbacks (all optional attributes, also constructor keywords):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 CONFIG_SPACE_SIZE = 256
 
@@ -80,8 +80,7 @@ class ConfigSpaceError(ValueError):
     """A device model described an impossible configuration header."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):
     """A snapshot of one BAR: ``index`` is its first slot (a mem64 BAR also uses index + 1)."""
     index: int
     kind: str               # "mem64", "mem32" or "io"
