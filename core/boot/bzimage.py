@@ -4,7 +4,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from . import decompress, elf, layout
+from . import elf, layout
 from .errors import BootError
 from .image import KernelImage
 
@@ -105,6 +105,7 @@ def load(mem, data: bytes, name: str) -> KernelImage:
     if payload is None:
         reason = "the setup header names no payload (protocol < 2.08, or payload_length 0)"
     else:
+        from . import decompress          # bz2, lzma, zlib: only for a bzImage
         kind = decompress.identify(payload)
         try:
             vmlinux = decompress.decompress(payload, kind)
