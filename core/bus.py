@@ -37,15 +37,20 @@ class Range:
         self.handler, self.lock, self.owner = handler, lock, owner
 
 
+_MAX_HITS = 4096          # addresses cached per table (a guest may touch a whole BAR)
+
 MissHandler = Callable[[str, int, int, bool, int], "int | None"]
 
 
 class Bus:
     def __init__(self, space: str, miss: MissHandler | None = None):
         self.space = space
-        # (bases, ranges), replaced whole on every change: lookups on vCPU
-        # threads never see a half-updated table while a BAR moves.
-        self._table: tuple[tuple[int, ...], tuple[Range, ...]] = ((), ())
+        # (bases, ranges, hits), replaced whole on every change: lookups on
+        # vCPU threads never see a half-updated table while a BAR moves.
+        # ``hits`` caches address -> Range for this table only (one dict
+        # lookup per access instead of a bisect), so a lookup that raced a
+        # change can only fill the cache of a table nobody uses any more.
+        self._table: tuple[tuple[int, ...], tuple[Range, ...], dict] = ((), (), {})
         self._change_lock = threading.Lock()
         self._miss = miss
         self._missed: set[int] = set()
@@ -55,7 +60,7 @@ class Bus:
         if size <= 0 or base < 0:
             raise BusConflict(f"{owner}: bad {self.space} range {base:#x}+{size:#x}")
         with self._change_lock:
-            bases, ranges = self._table
+            bases, ranges, _ = self._table
             i = bisect.bisect_right(bases, base)
             for neighbour in ranges[max(i - 1, 0):i + 1]:
                 if base < neighbour.end and neighbour.base < base + size:
@@ -63,20 +68,20 @@ class Bus:
                         f"{owner}: {self.space} range {base:#x}-{base + size - 1:#x} overlaps "
                         f"{neighbour.owner} at {neighbour.base:#x}-{neighbour.end - 1:#x}")
             self._table = (bases[:i] + (base,) + bases[i:],
-                           ranges[:i] + (Range(base, size, handler, lock, owner),) + ranges[i:])
+                           ranges[:i] + (Range(base, size, handler, lock, owner),) + ranges[i:], {})
 
     def remove(self, base: int, owner: str) -> None:
         """Drop the range at ``base`` that ``owner`` added (a BAR the guest moved)."""
         with self._change_lock:
-            bases, ranges = self._table
+            bases, ranges, _ = self._table
             i = bisect.bisect_left(bases, base)
             if i < len(ranges) and ranges[i].base == base and ranges[i].owner == owner:
-                self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
+                self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:], {})
                 return
         raise KeyError(f"{owner} has no {self.space} range at {base:#x}")
 
     def find(self, addr: int) -> Range | None:
-        bases, ranges = self._table
+        bases, ranges, _ = self._table
         i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
             r = ranges[i]
@@ -88,9 +93,24 @@ class Bus:
         return list(self._table[1])
 
     # -- dispatch ------------------------------------------------------------------
+    def _claimed(self, addr: int, size: int) -> Range | None:
+        """The range that holds all of ``addr``..``addr + size - 1``, or None."""
+        table = self._table
+        hits = table[2]
+        r = hits.get(addr)
+        if r is None:
+            r = self.find(addr)                  # on the current table
+            if r is None:
+                return None
+            if table is self._table and len(hits) < _MAX_HITS:
+                hits[addr] = r
+        return r if addr + size <= r.end else None
+
     def read(self, addr: int, size: int) -> int:
-        r = self.find(addr)
+        r = self._table[2].get(addr)             # the common case, inline: a cached address
         if r is None or addr + size > r.end:
+            r = self._claimed(addr, size)
+        if r is None:
             return self._unclaimed(addr, size, False, 0)
         try:
             with r.lock:
@@ -100,8 +120,10 @@ class Bus:
         return value & ((1 << (8 * size)) - 1)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        r = self.find(addr)
+        r = self._table[2].get(addr)
         if r is None or addr + size > r.end:
+            r = self._claimed(addr, size)
+        if r is None:
             self._unclaimed(addr, size, True, value)
             return
         try:

@@ -11,12 +11,13 @@ import errno
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from typing import NamedTuple
 
 from .hypervisor import host_quirks
-from .hypervisor._kvm import lib
+from .hypervisor._kvm import ffi, lib
 
 log = logging.getLogger("kvmkit.vcpu")
 
@@ -24,6 +25,18 @@ from .plugin_api import EXIT_ERROR, EXIT_OK
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+# kvm_run as the exit path reads it: exit_reason (u32), and in the exit union
+# KVM_EXIT_IO's direction (u8), size (u8), port (u16), count (u32) and
+# data_offset (u64), or KVM_EXIT_MMIO's phys_addr (u64), data[8], len (u32)
+# and is_write (u8).
+_REASON_AT = ffi.offsetof("struct kvm_run", "exit_reason")
+_UNION_AT = lib.KVMKIT_EXIT_UNION_OFFSET
+_IO_EXIT = struct.Struct(f"<I{_UNION_AT - _REASON_AT - 4}xBBHIQ")
+_MMIO_EXIT = struct.Struct("<Q8xIB")
+_VALUE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
+_EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 
 
 class Stop(NamedTuple):
@@ -53,17 +66,26 @@ def handle_mmio(bus, addr: int, length: int, is_write: bool, data: memoryview) -
 
 
 def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | None:
-    """Handle the exit described by ``vcpu.run`` (and its exit-union views)."""
-    reason = vcpu.run.exit_reason
-    if reason == lib.KVM_EXIT_IO:
-        io = vcpu.io
-        off = io.data_offset
-        handle_io(pio, io.port, io.size, io.count, io.direction == lib.KVM_EXIT_IO_OUT,
-                  vcpu.run_buf[off:off + io.size * io.count])
+    """Handle the exit that ``vcpu.run_buf`` (the mapped ``kvm_run``) describes.
+
+    Port I/O and MMIO, nearly every exit, are decoded with one ``unpack_from``
+    of the fields they need; a single port access goes straight to the bus.
+    The rarer exits read the exit-union views (``vcpu.system_event`` ...)."""
+    buf = vcpu.run_buf
+    reason, direction, size, port, count, off = _IO_EXIT.unpack_from(buf, _REASON_AT)
+    if reason == _EXIT_IO:
+        value = _VALUE.get(size) if count == 1 else None
+        if value is not None and off + size <= len(buf):      # one access of 1, 2 or 4 bytes
+            if direction == _IO_OUT:
+                pio.write(port, size, value.unpack_from(buf, off)[0])
+            else:
+                value.pack_into(buf, off, pio.read(port, size))
+            return None
+        handle_io(pio, port, size, count, direction == _IO_OUT, buf[off:off + size * count])
         return None
-    if reason == lib.KVM_EXIT_MMIO:
-        m = vcpu.mmio
-        handle_mmio(mmio, m.phys_addr, m.len, bool(m.is_write), vcpu.mmio_data)
+    if reason == _EXIT_MMIO:
+        addr, length, is_write = _MMIO_EXIT.unpack_from(buf, _UNION_AT)
+        handle_mmio(mmio, addr, length, bool(is_write), vcpu.mmio_data)
         return None
     if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
         return None

@@ -130,3 +130,19 @@ def test_remove_then_add_elsewhere():
     assert bus.find(0xC000_0000) is None
     bus.add(0xD000_0000, 0x8000, dev, threading.RLock(), "virtio-blk.0")
     assert bus.find(0xD000_1000).owner == "virtio-blk.0"
+
+
+def test_cached_lookups_follow_a_moved_range():
+    """Bus caches address -> range per table; a change starts a new table, so
+    an address already looked up reaches the range's new owner, and an access
+    that straddles a cached range's end is still unclaimed."""
+    bus, old, new = make_bus(), Recorder(1), Recorder(2)
+    lock = threading.RLock()
+    bus.add(0xC000, 0x40, old, lock, "bar")
+    assert bus.read(0xC010, 4) == 1 and bus.read(0xC010, 4) == 1      # second one from the cache
+    assert bus.read(0xC03E, 4) == 0xFFFFFFFF                           # straddles the end
+    bus.remove(0xC000, "bar")
+    assert bus.read(0xC010, 4) == 0xFFFFFFFF
+    bus.add(0xC000, 0x40, new, lock, "bar")
+    assert bus.read(0xC010, 4) == 2
+    assert old.calls == [("r", 0x10, 4)] * 2

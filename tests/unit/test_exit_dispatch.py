@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from kvmkit.bus import Bus, DeviceFault
-from kvmkit.hypervisor._kvm import lib
+from kvmkit.hypervisor._kvm import ffi, lib
 from kvmkit.vcpu import EXIT_ERROR, EXIT_OK, handle_exit, handle_io
 
 
@@ -34,9 +34,19 @@ def buses():
 
 
 def fake_vcpu(reason, **views):
-    run_buf = memoryview(bytearray(4096))
+    """A vCPU whose kvm_run page (run_buf) holds the exit as KVM lays it out:
+    exit_reason, and the io or mmio view's fields in the exit union."""
+    run_buf = memoryview(bytearray(8192))
+    struct.pack_into("<I", run_buf, ffi.offsetof("struct kvm_run", "exit_reason"), reason)
+    union = lib.KVMKIT_EXIT_UNION_OFFSET
+    io, m = views.get("io"), views.get("mmio")
+    if io is not None:
+        struct.pack_into("<BBHIQ", run_buf, union, io.direction, io.size, io.port, io.count,
+                         io.data_offset)
+    if m is not None:
+        struct.pack_into("<Q8xIB", run_buf, union, m.phys_addr, m.len, m.is_write)
     return SimpleNamespace(index=0, run=SimpleNamespace(exit_reason=reason), run_buf=run_buf,
-                           mmio_data=memoryview(bytearray(8)), **views)
+                           mmio_data=run_buf[union + 8:union + 16], **views)
 
 
 def test_port_out():
@@ -46,6 +56,29 @@ def test_port_out():
     v.run_buf[512] = ord("x")
     assert handle_exit(v, pio, mmio) is None
     assert port.written == [(0, 1, ord("x"))]
+
+
+def test_port_out_and_in_of_four_bytes_are_little_endian():
+    pio, mmio, port, _ = buses()
+    v = fake_vcpu(lib.KVM_EXIT_IO, io=SimpleNamespace(direction=lib.KVM_EXIT_IO_OUT, size=4,
+                                                      port=0x3FC, count=1, data_offset=4096))
+    v.run_buf[4096:4100] = b"\x01\x02\x03\x04"
+    assert handle_exit(v, pio, mmio) is None
+    assert port.written == [(4, 4, 0x04030201)]
+    v = fake_vcpu(lib.KVM_EXIT_IO, io=SimpleNamespace(direction=lib.KVM_EXIT_IO_IN, size=2,
+                                                      port=0x3F8, count=1, data_offset=4096))
+    assert handle_exit(v, pio, mmio) is None
+    assert bytes(v.run_buf[4096:4098]) == b"\x41\x00"
+
+
+@pytest.mark.parametrize("offset", [8190, 8192, 1 << 40])
+def test_a_data_offset_past_the_page_is_refused(offset):
+    pio, mmio, port, _ = buses()
+    v = fake_vcpu(lib.KVM_EXIT_IO, io=SimpleNamespace(direction=lib.KVM_EXIT_IO_IN, size=4,
+                                                      port=0x3F8, count=1, data_offset=offset))
+    with pytest.raises(ValueError, match="malformed port I/O exit"):
+        handle_exit(v, pio, mmio)
+    assert port.next == 0x41                   # the device was never read
 
 
 def test_string_port_in_repeats_into_the_data_area():
