@@ -25,16 +25,17 @@ class BlkEngine(QueueEngine):
     _start_fn = lib.kvblk_start
     _stats_fn = lib.kvblk_get_stats
     _stats_type = "struct kvblk_stats *"
-    _stat_names = ("requests", "deferred", "io_errors", "interrupts", "syncs", "busy_ns")
+    _stat_names = ("requests", "deferred", "io_errors", "interrupts", "syncs", "busy_ns",
+                   "polled", "poll_ns")
 
     def __init__(self, queue: NativeSplitQueue, *, image_fd: int, capacity: int, readonly: bool,
                  writethrough: bool, direct_align: int, kick_fd: int, irq_fd: int,
-                 resample_fd: int, on_request: Callable[[Chain], int]):
+                 resample_fd: int, on_request: Callable[[Chain], int], poll_ns: int = 0):
         self.on_request = on_request
         super().__init__(queue, ffi.new("struct kvblk_config *", {
             "image_fd": image_fd, "capacity": capacity, "readonly": int(readonly),
             "writethrough": int(writethrough), "direct_align": direct_align,
-            "kick_fd": kick_fd, "irq_fd": irq_fd, "resample_fd": resample_fd}))
+            "kick_fd": kick_fd, "irq_fd": irq_fd, "resample_fd": resample_fd, "poll_ns": poll_ns}))
 
     def _deferred(self, chain: Chain) -> None:
         self._complete(chain.head, self.on_request(chain))

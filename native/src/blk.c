@@ -203,8 +203,11 @@ struct kveng *kvblk_start(struct kvq *q, const struct kvblk_config *cfg, char *e
     struct kvblk *b = calloc(1, sizeof *b + q->size * sizeof(struct iovec));
     if (b)
         b->cfg = *cfg;
-    return kveng_start(q, cfg->kick_fd, cfg->irq_fd, cfg->resample_fd, serve, drop, b,
-                       "kvmkit-blk", "virtio-blk", err, errlen);
+    struct kveng *e = kveng_start(q, cfg->kick_fd, cfg->irq_fd, cfg->resample_fd, serve, drop, b,
+                                  "kvmkit-blk", "virtio-blk", err, errlen);
+    if (e)
+        kveng_set_poll_ns(e, cfg->poll_ns);
+    return e;
 }
 
 void kvblk_get_stats(struct kveng *e, struct kvblk_stats *out)
@@ -215,4 +218,6 @@ void kvblk_get_stats(struct kveng *e, struct kvblk_stats *out)
     out->deferred = s.deferred;
     out->interrupts = s.interrupts;
     out->busy_ns = s.busy_ns;
+    out->polled = s.polled;
+    out->poll_ns = s.poll_ns;
 }

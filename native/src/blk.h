@@ -21,6 +21,7 @@ struct kvblk_config {
     int kick_fd;                /* the queue's ioeventfd (an eventfd) */
     int irq_fd;                 /* eventfd: the MSI-X vector's irqfd or INTx's trigger; -1: none */
     int resample_fd;            /* INTx: the irqfd's resample eventfd; -1 with MSI-X */
+    uint64_t poll_ns;           /* adaptive polling bound after each batch; 0: off */
 };
 
 struct kvblk_stats {
@@ -30,6 +31,8 @@ struct kvblk_stats {
     uint64_t interrupts;        /* irqfd writes */
     uint64_t syncs;             /* fdatasync calls */
     uint64_t busy_ns;           /* time the thread spent serving the queue (not waiting) */
+    uint64_t polled;            /* batches found by polling, without a kick */
+    uint64_t poll_ns;           /* time the thread spent polling */
 };
 
 /* Start the engine on ``q`` (already set up; the engine owns it until kveng_stop).

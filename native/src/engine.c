@@ -30,6 +30,7 @@ struct kveng {
     int ctl_fd;                 /* eventfd: wakes the thread to pause or stop */
     int event_fd;               /* eventfd: Python has work */
     int stop, pause_req, paused;
+    uint64_t poll_ns;           /* adaptive polling bound, 0: off (atomic) */
     struct kvirq irq;           /* the interrupt (irq.c): atomics, no lock */
     struct deferred *waiting;   /* popped, not yet taken by Python (oldest first) */
     struct deferred **waiting_tail;
@@ -113,7 +114,56 @@ static void process(struct kveng *e)
     e->stats.busy_ns += now_ns() - start;
 }
 
-/* The thread holds the lock except in poll() and (paused) in pthread_cond_wait(). */
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Adaptive polling (kveng_set_poll_ns), after process(), lock held: spin on
+ * avail.idx with notifications off and the lock released (Python's
+ * hand-off and completions go on meanwhile), serve what turns up and start
+ * the bound again; at the end, notifications go back on through process(),
+ * which serves anything that raced in.  A pause or stop ends the polling: a
+ * chain that arrived unkicked then gets a kick of our own, so it is served
+ * once the thread runs again. */
+static void poll_queue(struct kveng *e)
+{
+    uint64_t bound = __atomic_load_n(&e->poll_ns, __ATOMIC_RELAXED);
+    if (!bound || e->broken[0] || e->stop || e->pause_req)
+        return;
+    struct kvq *q = e->q;
+    uint64_t start = now_ns(), deadline = start + bound;
+    kvq_disable_notifications(q);
+    for (;;) {
+        int found;
+        pthread_mutex_unlock(&e->lock);
+        while (!(found = kvq_has_available(q)) && now_ns() < deadline
+               && !__atomic_load_n(&e->stop, __ATOMIC_RELAXED)
+               && !__atomic_load_n(&e->pause_req, __ATOMIC_RELAXED))
+            cpu_relax();
+        pthread_mutex_lock(&e->lock);
+        if (!found || e->stop || e->pause_req || e->broken[0])
+            break;
+        e->stats.polled++;
+        e->stats.poll_ns += now_ns() - start;
+        process(e);                             /* ends with notifications on */
+        start = now_ns();
+        deadline = start + bound;
+        kvq_disable_notifications(q);
+    }
+    e->stats.poll_ns += now_ns() - start;
+    if (e->stop || e->pause_req) {
+        if (kvq_enable_notifications(q))
+            kvirq_signal_fd(e->kick_fd);
+    } else if (!e->broken[0]) {
+        process(e);
+    }
+}
+
+/* The thread holds the lock except in poll(), while polling the avail ring,
+ * and (paused) in pthread_cond_wait(). */
 static void *run(void *arg)
 {
     struct kveng *e = arg;
@@ -124,6 +174,7 @@ static void *run(void *arg)
     };
     pthread_mutex_lock(&e->lock);
     process(e);                                 /* chains made available before we started */
+    poll_queue(e);
     for (;;) {
         while (e->pause_req && !e->stop) {
             e->paused = 1;
@@ -146,8 +197,10 @@ static void *run(void *arg)
             kvirq_resample(&e->irq);
         if (fds[1].revents & POLLIN) {
             kvirq_drain_fd(e->kick_fd);
-            if (!e->broken[0])
+            if (!e->broken[0]) {
                 process(e);
+                poll_queue(e);
+            }
         }
     }
     e->paused = 0;
@@ -235,6 +288,11 @@ void kveng_stop(struct kveng *e)
 void *kveng_device(struct kveng *e)
 {
     return e->dev;
+}
+
+void kveng_set_poll_ns(struct kveng *e, uint64_t ns)
+{
+    __atomic_store_n(&e->poll_ns, ns, __ATOMIC_RELAXED);
 }
 
 /* -- Python's side (any thread but the engine's) ------------------------------------------- */

@@ -32,6 +32,8 @@ struct kveng_stats {
                                  * outstanding than the queue has entries (a driver reusing heads) */
     uint64_t interrupts;        /* irqfd writes */
     uint64_t busy_ns;           /* time the thread spent serving the queue (not waiting) */
+    uint64_t polled;            /* batches found by polling the avail ring, without a kick */
+    uint64_t poll_ns;           /* time the thread spent polling (CPU it burnt waiting) */
 };
 
 /* -- for Python (on an engine a device's start returned) ------------------------------------ */
@@ -84,6 +86,11 @@ struct kveng *kveng_start(struct kvq *q, int kick_fd, int irq_fd, int resample_f
                           kveng_serve_fn serve, kveng_drop_fn drop, void *dev,
                           const char *name, const char *what, char *err, size_t errlen);
 void *kveng_device(struct kveng *e);
+/* Adaptive polling: after serving a batch, watch the avail ring for up to
+ * ``ns`` nanoseconds (with notifications off, so the driver need not kick)
+ * before sleeping on the kick eventfd; each batch found restarts the bound.
+ * 0 (the default) turns it off.  Any thread, any time. */
+void kveng_set_poll_ns(struct kveng *e, uint64_t ns);
 /* Copy the engine's counters and, under the same lock, ``len`` bytes of the
  * device's own counters from ``dev_stats`` to ``dev_out``. */
 void kveng_get_stats(struct kveng *e, struct kveng_stats *out,

@@ -26,10 +26,10 @@ IMAGE = bytes(range(256)) * 4096          # 1 MiB
 def rig(tmp_path, make_host):
     made = []
 
-    def make(intx=False, event_idx=False):
+    def make(intx=False, event_idx=False, poll_us=0):
         path = tmp_path / f"disk{len(made)}.img"
         path.write_bytes(IMAGE)
-        dev = blk_mod.VirtioBlk(FileBackend(path), serial="engine")
+        dev = blk_mod.VirtioBlk(FileBackend(path), serial="engine", poll_us=poll_us)
         host = make_host(intx=intx)
         dev.queue_backend, dev.host = backend, host
         mem = GuestMemory(MEM, backing=bytearray(MEM))
@@ -153,3 +153,32 @@ def test_register_garbage_in_every_ring_slot_never_crashes(rig):
     select.select([dev.engine.event_fd], [], [], 2)
     with pytest.raises(VirtqueueError):
         dev.engine.service()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_polling_serves_a_request_made_without_a_kick(rig, event_idx):
+    """poll_us: after a batch the engine watches the avail ring, so a request
+    the driver adds within the bound is served with no kick at all."""
+    dev, host, drv, mem, alloc = rig(event_idx=event_idx, poll_us=2_000_000)
+    read_request(drv, mem, alloc, 2)
+    os.eventfd_write(host.kick_fd, 1)
+    assert len(wait_used(drv, 1)) == 1
+    data, status = read_request(drv, mem, alloc, 3)          # no kick
+    assert [w for _, w in wait_used(drv, 1, timeout=1.5)] == [513]
+    assert mem.read(data, 512) == IMAGE[1536:2048]
+    stats = dev.engine.stats()
+    assert stats["polled"] >= 1 and stats["poll_ns"] > 0 and stats["requests"] == 2
+
+
+@pytest.mark.parametrize("poll_us", [0, 20_000])
+def test_without_polling_or_after_it_an_unkicked_request_waits_for_its_kick(rig, poll_us):
+    dev, host, drv, mem, alloc = rig(poll_us=poll_us)
+    read_request(drv, mem, alloc, 2)
+    os.eventfd_write(host.kick_fd, 1)
+    assert len(wait_used(drv, 1)) == 1
+    time.sleep(0.2)                                         # past a 20 ms bound
+    read_request(drv, mem, alloc, 3)
+    assert wait_used(drv, 1, timeout=0.3) == []
+    os.eventfd_write(host.kick_fd, 1)
+    assert len(wait_used(drv, 1)) == 1
+    assert dev.engine.stats()["polled"] == 0

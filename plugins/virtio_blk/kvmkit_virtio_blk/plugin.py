@@ -30,6 +30,11 @@ SPEC = DeviceSpec(
             choices=("writeback", "none")),
         Key("discard", bool, True,
             "offer DISCARD and WRITE_ZEROES (hole punching) to the guest"),
+        Key("poll_us", int, 0,
+            "native queue engine only: after serving a batch, watch the queue this many "
+            "microseconds for the next requests before sleeping (adaptive polling: no kick, no "
+            "thread wake-up; costs host CPU while it watches); 0: off",
+            min=0, max=1_000_000),
         QUEUE_KEY,
     ),
 )
@@ -71,7 +76,8 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioBlk:
         if backend.forced_readonly:
             ctx.log.warning("%s: %s is not writable; the guest sees a read-only disk",
                             ctx.name, path)
-        model = VirtioBlk(backend, serial=serial, discard=config["discard"], log=ctx.log)
+        model = VirtioBlk(backend, serial=serial, discard=config["discard"], log=ctx.log,
+                          poll_us=config["poll_us"])
         ctx.add_virtio(model, queue=config["queue"])
     except BaseException:
         backend.close()

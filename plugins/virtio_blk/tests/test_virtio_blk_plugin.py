@@ -18,13 +18,14 @@ def create(ctx, **values):
 
 def test_spec_keys():
     keys = {k.name: k for k in SPEC.keys}
-    assert list(keys) == ["path", "readonly", "serial", "cache", "discard", "queue"]
+    assert list(keys) == ["path", "readonly", "serial", "cache", "discard", "poll_us", "queue"]
     assert keys["path"].type is Path and keys["path"].required
     assert (keys["readonly"].type, keys["readonly"].default) == (bool, False)
     assert (keys["serial"].type, keys["serial"].default) == (str, None)
     assert (keys["cache"].type, keys["cache"].default, keys["cache"].choices) == \
         (str, "writeback", ("writeback", "none"))
     assert (keys["discard"].type, keys["discard"].default) == (bool, True)
+    assert (keys["poll_us"].type, keys["poll_us"].default, keys["poll_us"].min) == (int, 0, 0)
     assert all(k.doc for k in SPEC.keys)
     assert plugin.kvmkit_device_spec() is SPEC
 
