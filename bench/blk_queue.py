@@ -148,9 +148,10 @@ class QueueRig:
 
 
 def run_queue(path: str, size: int, bs: int, rand: bool, write: bool, depth: int,
-              seconds: float, direct: bool, queues: str) -> tuple[int, float, float]:
-    """(requests, device-side seconds, wall seconds from kick to done)."""
-    dev = VirtioBlk(FileBackend(path, direct=direct), serial="bench")
+              seconds: float, direct: bool, queues: str, poll_us: int = 0) -> tuple[int, float, float, float]:
+    """(requests, device-side seconds, wall seconds from kick to done, engine
+    seconds spent polling)."""
+    dev = VirtioBlk(FileBackend(path, direct=direct), serial="bench", poll_us=poll_us)
     rig = None
     try:
         rig = QueueRig(dev, depth, bs, queues)
@@ -165,7 +166,8 @@ def run_queue(path: str, size: int, bs: int, rand: bool, write: bool, depth: int
             requests += depth
         if queues == "native" and dev.engine is None:
             raise RuntimeError("the native engine did not start")
-        return requests, busy, rig.wall or busy
+        polled = dev.engine.stats()["poll_ns"] / 1e9 if dev.engine is not None else 0.0
+        return requests, busy, rig.wall or busy, polled
     finally:
         dev.close()
         if rig is not None and rig.host is not None:
@@ -208,6 +210,62 @@ def run_raw(path: str, size: int, bs: int, rand: bool, write: bool, seconds: flo
         bufs.close()
 
 
+def measure(seconds: float, runs: int, size: int = 256 << 20, depth: int = 32,
+            directory: str = "/var/tmp", direct: bool = False, poll_us: int = 50,
+            cases=CASES) -> list:
+    """Figures for bench/run: per case, each path's IOPS over ``runs`` runs,
+    next to raw pread/pwrite measured in the same runs."""
+    from report import Figure
+    try:
+        resolve("native", "bench")
+        native = True
+    except Exception:
+        native = False
+    path = make_image(directory, size)
+    figures = []
+    try:
+        for name, bs, rand, write in cases:
+            got: dict[str, list[float]] = {}
+            for _ in range(runs):
+                def add(key, value):
+                    got.setdefault(key, []).append(value)
+                settle(path)
+                n, t = run_queue(path, size, bs, rand, write, depth, seconds, direct, "python")[:2]
+                add("python", n / t)
+                if native:
+                    settle(path)
+                    n, busy, wall, _ = run_queue(path, size, bs, rand, write, depth, seconds, direct,
+                                                 "native")
+                    add("native", n / wall)
+                    add("native busy", n / busy)
+                    add("native cpu", (busy / n) * 1e6)
+                    settle(path)
+                    n, busy, wall, polled = run_queue(path, size, bs, rand, write, depth, seconds,
+                                                      direct, "native", poll_us)
+                    add("polling", n / wall)
+                    add("polling cpu", ((busy + polled) / n) * 1e6)
+                settle(path)
+                n, t = run_raw(path, size, bs, rand, write, seconds, direct, depth)
+                add("raw", n / t)
+            g = "virtio-blk"
+            raw = ("raw C " + ("pwrite" if write else "pread"), got["raw"])
+            figures.append(Figure(g, f"{name}: python queue, device time", "IOPS", got["python"], *raw))
+            if native:
+                figures += [
+                    Figure(g, f"{name}: native, kick-to-interrupt wall", "IOPS", got["native"], *raw),
+                    Figure(g, f"{name}: native + polling {poll_us} us, kick-to-interrupt wall", "IOPS",
+                           got["polling"], *raw),
+                    Figure(g, f"{name}: native, engine busy time", "IOPS", got["native busy"], *raw,
+                           diagnostic=True),
+                    Figure(g, f"{name}: engine CPU per request, polling (busy + polling)", "µs",
+                           got["polling cpu"], "engine CPU per request, no polling", got["native cpu"],
+                           diagnostic=True),
+                ]
+    finally:
+        os.unlink(path)
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per case and path (default 5)")
@@ -248,8 +306,8 @@ def main() -> None:
             iops["python"] = n / t
             if native:
                 settle(path)
-                n, busy, wall = run_queue(path, size, bs, rand, write, args.depth, args.seconds,
-                                          direct, "native")
+                n, busy, wall, _ = run_queue(path, size, bs, rand, write, args.depth, args.seconds,
+                                             direct, "native")
                 iops["native"], iops["native wall"] = n / busy, n / wall
             settle(path)
             n, t = run_raw(path, size, bs, rand, write, args.seconds, direct, args.depth)

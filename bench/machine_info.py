@@ -19,4 +19,5 @@ def cpu_model() -> str:
 def describe() -> str:
     kvm = "paravirtual nested KVM (kvm_pvm)" if os.path.isdir("/sys/module/kvm_pvm") else "hardware KVM"
     return (f"{platform.node()}: {platform.platform()}, Python {platform.python_version()}\n"
-            f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), {kvm}")
+            f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} "
+            f"usable), {kvm}")
