@@ -31,6 +31,7 @@ struct kveng {
     int event_fd;               /* eventfd: Python has work */
     int stop, pause_req, paused;
     uint64_t poll_ns;           /* adaptive polling bound, 0: off (atomic) */
+    uint64_t poll_window;       /* the thread's current polling time, 0..poll_ns */
     struct kvirq irq;           /* the interrupt (irq.c): atomics, no lock */
     struct deferred *waiting;   /* popped, not yet taken by Python (oldest first) */
     struct deferred **waiting_tail;
@@ -121,20 +122,38 @@ static void cpu_relax(void)
 #endif
 }
 
-/* Adaptive polling (kveng_set_poll_ns), after process(), lock held: spin on
- * avail.idx with notifications off and the lock released (Python's
- * hand-off and completions go on meanwhile), serve what turns up and start
- * the bound again; at the end, notifications go back on through process(),
- * which serves anything that raced in.  A pause or stop ends the polling: a
- * chain that arrived unkicked then gets a kick of our own, so it is served
- * once the thread runs again. */
-static void poll_queue(struct kveng *e)
+/* Adaptive polling (kveng_set_poll_ns).  The thread polls for a window of
+ * 0..poll_ns that follows what the driver does, much as QEMU's
+ * aio-poll-grow/shrink: a kick that comes sooner after the thread went to
+ * sleep than the bound would have been caught by polling, so the window
+ * doubles (from bound/8 when it was 0, up to the bound); a window that ends
+ * with nothing found halves (to 0, no polling, below 1 µs).  A driver that
+ * keeps the queue busy gets polled; one that does not costs nothing. */
+static void adapt_to_sleep(struct kveng *e, uint64_t slept)
 {
     uint64_t bound = __atomic_load_n(&e->poll_ns, __ATOMIC_RELAXED);
-    if (!bound || e->broken[0] || e->stop || e->pause_req)
+    if (e->poll_window > bound)
+        e->poll_window = bound;
+    if (bound && slept < bound) {
+        uint64_t w = e->poll_window ? 2 * e->poll_window : bound / 8;
+        e->poll_window = w < bound ? (w ? w : 1) : bound;
+    }
+}
+
+/* After process(), lock held: spin on avail.idx for the window with
+ * notifications off and the lock released (Python's hand-off and completions
+ * go on meanwhile), serve what turns up and start the window again; at the
+ * end, notifications go back on through process(), which serves anything
+ * that raced in.  A pause or stop ends the polling: a chain that arrived
+ * unkicked then gets a kick of our own, so it is served once the thread runs
+ * again. */
+static void poll_queue(struct kveng *e)
+{
+    uint64_t window = e->poll_window;
+    if (!window || e->broken[0] || e->stop || e->pause_req)
         return;
     struct kvq *q = e->q;
-    uint64_t start = now_ns(), deadline = start + bound;
+    uint64_t start = now_ns(), deadline = start + window;
     kvq_disable_notifications(q);
     for (;;) {
         int found;
@@ -150,10 +169,13 @@ static void poll_queue(struct kveng *e)
         e->stats.poll_ns += now_ns() - start;
         process(e);                             /* ends with notifications on */
         start = now_ns();
-        deadline = start + bound;
+        deadline = start + window;
         kvq_disable_notifications(q);
     }
-    e->stats.poll_ns += now_ns() - start;
+    uint64_t end = now_ns();
+    e->stats.poll_ns += end - start;
+    if (end >= deadline)                        /* a whole window for nothing: shrink */
+        e->poll_window = window / 2 >= 1000 ? window / 2 : 0;
     if (e->stop || e->pause_req) {
         if (kvq_enable_notifications(q))
             kvirq_signal_fd(e->kick_fd);
@@ -174,7 +196,6 @@ static void *run(void *arg)
     };
     pthread_mutex_lock(&e->lock);
     process(e);                                 /* chains made available before we started */
-    poll_queue(e);
     for (;;) {
         while (e->pause_req && !e->stop) {
             e->paused = 1;
@@ -185,7 +206,9 @@ static void *run(void *arg)
         if (e->stop)
             break;
         pthread_mutex_unlock(&e->lock);
+        uint64_t slept = now_ns();
         int n = poll(fds, 3, -1);
+        slept = now_ns() - slept;
         pthread_mutex_lock(&e->lock);
         if (n < 0)
             continue;                           /* EINTR */
@@ -199,6 +222,7 @@ static void *run(void *arg)
             kvirq_drain_fd(e->kick_fd);
             if (!e->broken[0]) {
                 process(e);
+                adapt_to_sleep(e, slept);
                 poll_queue(e);
             }
         }

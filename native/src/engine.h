@@ -86,10 +86,12 @@ struct kveng *kveng_start(struct kvq *q, int kick_fd, int irq_fd, int resample_f
                           kveng_serve_fn serve, kveng_drop_fn drop, void *dev,
                           const char *name, const char *what, char *err, size_t errlen);
 void *kveng_device(struct kveng *e);
-/* Adaptive polling: after serving a batch, watch the avail ring for up to
- * ``ns`` nanoseconds (with notifications off, so the driver need not kick)
- * before sleeping on the kick eventfd; each batch found restarts the bound.
- * 0 (the default) turns it off.  Any thread, any time. */
+/* Adaptive polling: after serving a batch, watch the avail ring (with
+ * notifications off, so the driver need not kick) before sleeping on the kick
+ * eventfd, for a window of at most ``ns`` nanoseconds that grows while kicks
+ * come soon after the thread sleeps and shrinks while polling finds nothing;
+ * each batch found restarts the window.  0 (the default) turns it off.  Any
+ * thread, any time. */
 void kveng_set_poll_ns(struct kveng *e, uint64_t ns);
 /* Copy the engine's counters and, under the same lock, ``len`` bytes of the
  * device's own counters from ``dev_stats`` to ``dev_out``. */
