@@ -69,7 +69,8 @@ class VirtioPciRuntime:
                                             queue_factory=backend.split_queue)
         device.queue_backend = backend
         device.host = self
-        log.info("%s: virtqueues: %s (%s)", ctx.name, backend.name, backend.description)
+        if log.isEnabledFor(logging.INFO):        # a backend's description may cost to make
+            log.info("%s: virtqueues: %s (%s)", ctx.name, backend.name, backend.description)
         self.vectors = [MsiVector(machine.router) for _ in range(self.transport.vectors)]
         self.slot, self.bars = add_function(
             machine, ctx, self.transport.config, {BAR_INDEX: self.transport},

@@ -1,24 +1,30 @@
 """The ``native`` entry of the ``kvmkit.queues`` group."""
 from __future__ import annotations
 
-import importlib.metadata
-
 from .blk import BlkEngine
 from .net import NetTxEngine
 from .queue import NativeSplitQueue
 
 __all__ = ["NativeQueues", "backend"]
 
-try:
-    _VERSION = importlib.metadata.version("kvmkit-native")
-except importlib.metadata.PackageNotFoundError:      # run from a source tree
-    _VERSION = "source"
+
+
+def _version() -> str:
+    # importlib.metadata costs ~30 ms to import: only when the description is read
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("kvmkit-native")
+    except importlib.metadata.PackageNotFoundError:      # run from a source tree
+        return "source"
 
 
 class NativeQueues:
     name = "native"
-    description = (f"split virtqueue in C, virtio-blk and virtio-net transmit data paths on C threads "
-                   f"(kvmkit-native {_VERSION})")
+
+    @property
+    def description(self) -> str:
+        return ("split virtqueue in C, virtio-blk and virtio-net transmit data paths on C threads "
+                f"(kvmkit-native {_version()})")
 
     def split_queue(self, memory, size, desc, avail, used, *, event_idx, indirect):
         return NativeSplitQueue(memory, size, desc, avail, used, event_idx=event_idx,
