@@ -7,6 +7,7 @@ Start-up time is part of what kvmkit offers, so this module imports only
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -108,8 +109,34 @@ def _run(config, ready=None) -> int:
     return stop.code
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, sized as shutil.get_terminal_size() would
+    size it, without importing shutil (and with it zlib, bz2 and lzma): argparse
+    makes a formatter for every add_argument, so every start paid for it."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                columns = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            width = columns - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser with _Formatter; its subcommands' parsers are _Parsers too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvmkit", description="A KVM virtual machine monitor "
+    p = _Parser(prog="kvmkit", description="A KVM virtual machine monitor "
                                 "whose devices are plugins.")
     p.add_argument("--version", action="version", version=f"kvmkit {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
