@@ -1,4 +1,4 @@
-"""Finding device plugins (entry points) and registering them (pluggy).
+"""Finding device plugins (stevedore entry points) and registering them (pluggy).
 
 Only the kinds a machine file names are imported.  A missing kind is an
 error that lists what is installed; a plugin that fails to import, or whose
@@ -6,11 +6,13 @@ spec does not match its entry-point name, is an error naming the plugin.
 """
 from __future__ import annotations
 
+import importlib.metadata
 from typing import NamedTuple
 
 import pluggy
+from stevedore import NamedExtensionManager
 
-from . import entry_points, hookspecs
+from . import hookspecs
 from .plugin_api import DeviceSpec, PROJECT
 
 DEVICE_GROUP = "kvmkit.devices"
@@ -26,9 +28,9 @@ class LoadedKind(NamedTuple):
     distribution: str
 
 
-def installed_kinds() -> dict[str, entry_points.EntryPoint]:
+def installed_kinds() -> dict[str, importlib.metadata.EntryPoint]:
     """Device kinds installed in this environment, without importing them."""
-    return {ep.name: ep for ep in entry_points.group(DEVICE_GROUP)}
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=DEVICE_GROUP)}
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -57,25 +59,34 @@ def load_kinds(pm: pluggy.PluginManager, kinds: list[str]) -> dict[str, LoadedKi
                           f"(installed kinds: {have}); pip install the plugin that does")
     if not wanted:
         return {}
+    failures: list[str] = []
+
+    def on_failure(_manager, entrypoint, error):
+        failures.append(f"device plugin {entrypoint.name!r} ({entrypoint.value}) failed to "
+                        f"load: {type(error).__name__}: {error}")
+
+    manager = NamedExtensionManager(DEVICE_GROUP, names=wanted, invoke_on_load=False,
+                                    on_load_failure_callback=on_failure, name_order=True)
+    if failures:
+        raise PluginError(failures[0])
     loaded: dict[str, LoadedKind] = {}
-    for name in wanted:
-        ep = available[name]
-        try:
-            plugin = ep.load()
-        except Exception as error:
-            raise PluginError(f"device plugin {name!r} ({ep.value}) failed to load: "
-                              f"{type(error).__name__}: {error}") from error
-        if not pm.is_registered(plugin):
+    for ext in manager.extensions:
+        plugin = ext.plugin
+        if pm.is_registered(plugin):
+            registered = plugin
+        else:
             try:
-                pm.register(plugin, name=f"{DEVICE_GROUP}:{name}")
+                pm.register(plugin, name=f"{DEVICE_GROUP}:{ext.name}")
             except (pluggy.PluginValidationError, ValueError) as e:
-                raise PluginError(f"device plugin {name!r} is not a valid kvmkit plugin: {e}") from None
-        specs = {s.kind: s for s in _specs_of(pm, plugin) if isinstance(s, DeviceSpec)}
-        if name not in specs:
-            raise PluginError(f"device plugin {name!r} ({ep.value}) does not "
-                              f"declare a DeviceSpec of kind {name!r} in kvmkit_device_spec")
+                raise PluginError(f"device plugin {ext.name!r} is not a valid kvmkit plugin: {e}") from None
+            registered = plugin
+        specs = {s.kind: s for s in _specs_of(pm, registered) if isinstance(s, DeviceSpec)}
+        if ext.name not in specs:
+            raise PluginError(f"device plugin {ext.name!r} ({ext.entry_point.value}) does not "
+                              f"declare a DeviceSpec of kind {ext.name!r} in kvmkit_device_spec")
+        ep = available[ext.name]
         dist = ep.dist.name if ep.dist is not None else "?"
-        loaded[name] = LoadedKind(specs[name], plugin, dist)
+        loaded[ext.name] = LoadedKind(specs[ext.name], registered, dist)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:

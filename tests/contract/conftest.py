@@ -2,8 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kvmkit import entry_points as kvmkit_entry_points
+from stevedore import ExtensionManager
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributions import write_distribution  # noqa: E402
@@ -22,10 +21,10 @@ def throwaway_dist(tmp_path, monkeypatch):
         for module in modules:
             sys.modules.pop(module, None)
             added.append(module)
-        kvmkit_entry_points.forget()
+        ExtensionManager.ENTRY_POINT_CACHE.clear()
         return where
 
     yield make
     for module in added:
         sys.modules.pop(module, None)
-    kvmkit_entry_points.forget()
+    ExtensionManager.ENTRY_POINT_CACHE.clear()

@@ -3,8 +3,7 @@ import sys
 import textwrap
 
 import pytest
-
-from kvmkit import entry_points as kvmkit_entry_points
+from stevedore import ExtensionManager
 
 from kvmkit.plugins import PluginError, load_kinds, new_manager
 
@@ -23,9 +22,9 @@ def fake_dist(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(str(tmp_path))
         for name in modules:
             sys.modules.pop(name, None)
-        kvmkit_entry_points.forget()      # the scan is kept per process
+        ExtensionManager.ENTRY_POINT_CACHE.clear()      # stevedore caches per process
     yield make
-    kvmkit_entry_points.forget()
+    ExtensionManager.ENTRY_POINT_CACHE.clear()
 
 
 GOOD = """
