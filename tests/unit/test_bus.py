@@ -130,3 +130,27 @@ def test_remove_then_add_elsewhere():
     assert bus.find(0xC000_0000) is None
     bus.add(0xD000_0000, 0x8000, dev, threading.RLock(), "virtio-blk.0")
     assert bus.find(0xD000_1000).owner == "virtio-blk.0"
+
+
+def test_a_guest_touching_ever_new_addresses_cannot_grow_the_vmm(caplog):
+    """500k distinct unclaimed addresses: memory and log lines stay bounded
+    (the old bus remembered every address: ~40 MiB and 500k log lines)."""
+    import tracemalloc
+
+    bus = Bus("mmio")
+    caplog.set_level("INFO", logger="kvmkit.bus")
+    for i in range(400_000):
+        assert bus.read(0xC000_0000 + 4 * i, 4) == 0xFFFFFFFF
+    tracemalloc.start()                     # the last 100k (traced: slower)
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for i in range(400_000, 500_000):
+            bus.write(0xC000_0000 + 4 * i, 4, i)
+        now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(bus._missed) <= 4096
+    assert now - base < 64 << 10, f"bus grew by {now - base} bytes over 100k misses"
+    lines = [r for r in caplog.records if r.name == "kvmkit.bus"]
+    assert 0 < len(lines) <= 70
+    assert "further ones: one line per" in lines[-1].getMessage()
