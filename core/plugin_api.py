@@ -305,6 +305,7 @@ _REEXPORTS = {
     "Chain": "kvmkit.virtio.queue",
     "SplitQueue": "kvmkit.virtio.queue",
     "VirtqueueError": "kvmkit.virtio.queue",
+    "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
 }
 
 

@@ -18,6 +18,7 @@ import logging
 import struct
 from typing import Callable
 
+from ..guest_log import GuestLog
 from ..pci import ConfigSpace, MsixCapability, MsixTable, PCI_CAP_ID_VNDR
 from .device import TRANSPORT_FEATURES, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
 from .queue import SplitQueue, VirtqueueError
@@ -72,6 +73,7 @@ class VirtioPciTransport:
                  on_msix_control: Callable[[bool, bool], None] | None = None,
                  queue_factory: Callable[..., object] = SplitQueue):
         self.device = device
+        self.glog = GuestLog(log)              # what the driver makes us log, rate-limited
         self.queue_factory = queue_factory     # a queue backend's split_queue
         self.isr_sources: list[Callable[[], int]] = []   # read-and-clear ISR bits set elsewhere (C)
         self.memory = memory
@@ -235,7 +237,8 @@ class VirtioPciTransport:
                 active.append(self.queue_factory(self.memory, q.size, q.desc, q.driver, q.device,
                                                  event_idx=event_idx, indirect=indirect))
             except VirtqueueError as e:
-                log.warning("virtio device %d: queue %d unusable: %s", self.device.device_id, i, e)
+                self.glog.warning(("unusable", i), "virtio device %d: queue %d unusable: %s",
+                                  self.device.device_id, i, e)
                 self.needs_reset()
                 return
         self.active = active
@@ -256,7 +259,8 @@ class VirtioPciTransport:
         try:
             self.device.process(index)
         except VirtqueueError as e:
-            log.warning("virtio device %d: queue %d: %s", self.device.device_id, index, e)
+            self.glog.warning(("broken", index), "virtio device %d: queue %d: %s", self.device.device_id,
+                              index, e)
             self.interrupt_if_due(index)         # requests served before the bad chain
             self.needs_reset()
             return

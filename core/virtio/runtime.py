@@ -93,8 +93,9 @@ class VirtioPciRuntime:
         self._forward_masks()
 
     def _msix_control(self, enabled: bool, function_masked: bool) -> None:
-        log.info("%s: MSI-X %s%s", self.ctx.name, "enabled" if enabled else "disabled",
-                 " (function masked)" if function_masked else "")
+        self.transport.glog.info("msix", "%s: MSI-X %s%s", self.ctx.name,
+                                 "enabled" if enabled else "disabled",
+                                 " (function masked)" if function_masked else "")
         self._forward_masks()
 
     def _forward_masks(self) -> None:
@@ -194,7 +195,8 @@ class VirtioPciRuntime:
         try:
             engine.service()
         except VirtqueueError as e:
-            log.warning("virtio device %d: queue %d: %s", self.device.device_id, index, e)
+            self.transport.glog.warning(("broken", index), "virtio device %d: queue %d: %s",
+                                        self.device.device_id, index, e)
             self.transport.needs_reset()
 
     def _work(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from kvmkit.plugin_api import VirtioDevice
+from kvmkit.plugin_api import GuestLog, VirtioDevice
 
 from . import protocol as p
 from .backend import BlockBackend
@@ -69,6 +69,7 @@ class VirtioBlk(VirtioDevice):
         self.readonly = bool(backend.readonly)
         self.discard = bool(discard) and not self.readonly
         self.log = log or logging.getLogger(__name__)
+        self.glog = GuestLog(self.log)          # lines the guest can repeat at will
         self.capacity = backend.size() // p.SECTOR
         self._writethrough = False
         self.engine = None                  # the queue backend's C data path, while active
@@ -122,14 +123,15 @@ class VirtioBlk(VirtioDevice):
                           resample_fd=wiring.resample_fd,
                           on_request=lambda chain: self._serve(mem, chain))
         except OSError as e:
-            self.log.warning("virtio-blk: the %s queue engine did not start (%s); "
-                             "serving the queue in Python", self.queue_backend.name, e)
+            self.glog.warning("engine", "virtio-blk: the %s queue engine did not start (%s); "
+                              "serving the queue in Python", self.queue_backend.name, e)
             return
         if engine is not None:
             self.engine = engine
             self.host.offload(0, engine)
-            self.log.info("virtio-blk: the request queue runs on the %s engine's C thread (%s)",
-                          self.queue_backend.name, "MSI-X" if wiring.msix else "INTx")
+            self.glog.info("engine-on", "virtio-blk: the request queue runs on the %s engine's "
+                           "C thread (%s)", self.queue_backend.name,
+                           "MSI-X" if wiring.msix else "INTx")
 
     def _stop_engine(self) -> None:
         if self.engine is not None:
@@ -137,8 +139,8 @@ class VirtioBlk(VirtioDevice):
             stats = self.engine.stats()
             self.engine.stop()
             self.engine = None
-            self.log.info("virtio-blk: the engine served %d requests in C and handed %d to "
-                          "Python", stats["requests"], stats["deferred"])
+            self.glog.info("engine-off", "virtio-blk: the engine served %d requests in C and "
+                           "handed %d to Python", stats["requests"], stats["deferred"])
 
     def reset(self) -> None:
         self._stop_engine()
@@ -175,8 +177,8 @@ class VirtioBlk(VirtioDevice):
             try:
                 status, written = self._dispatch(mem, chain, rtype, sector)
             except OSError as e:
-                self.log.warning("virtio-blk: host I/O error (type %d, sector %d): %s",
-                                 rtype, sector, e)
+                self.glog.warning("io-error", "virtio-blk: host I/O error (type %d, sector %d): "
+                                  "%s", rtype, sector, e)
                 status, written = p.S_IOERR, 0
         gpa, n = chain.writable[-1]                  # the status is the last writable byte
         mem.write(gpa + n - 1, bytes((status,)))
