@@ -101,6 +101,7 @@ class VirtioBlk(VirtioDevice):
         return self._config
 
     def activate(self, queues: list, driver_features: int) -> None:
+        self._stop_engine()             # idempotent: a second activation never leaves two engines
         super().activate(queues, driver_features)
         # 5.2.6.2: with FLUSH offered but not negotiated (and no CONFIG_WCE), a
         # write must be stable when it completes.

@@ -119,6 +119,7 @@ class VirtioNet(VirtioDevice):
         return p.config_bytes(self.mac, p.S_LINK_UP, self.mtu)
 
     def activate(self, queues: list, driver_features: int) -> None:
+        self._stop_tx_engine()          # idempotent: the engine always serves the current queue
         super().activate(queues, driver_features)
         self._held = []
         self._mergeable = self.negotiated(p.F_MRG_RXBUF)
@@ -170,7 +171,7 @@ class VirtioNet(VirtioDevice):
         fd = getattr(self.backend, "tap_fd", None)        # a TapBackend has one
         queue = self.queues[p.TX] if len(self.queues) > p.TX else None
         if (make is None or self.host is None or queue is None or not isinstance(fd, int)
-                or fd < 0 or self.tx_engine is not None):
+                or fd < 0):
             return
         wiring = self.host.wiring(p.TX)
         mem = queue.memory
