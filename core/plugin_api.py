@@ -265,7 +265,8 @@ class DeviceContext(Protocol):
         this device's lock held."""
 
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
-        """Start a daemon thread the core knows of (joined at shutdown)."""
+        """Start a daemon thread the core knows of (joined at shutdown); if
+        ``target`` raises, the VM stops with status 1 naming the device."""
 
     def request_stop(self, reason: str, exit_code: int = 0) -> None:
         """Ask the VMM to stop the VM (guest reset, user quit...)."""
