@@ -138,7 +138,7 @@ class Machine:
             log.info("paused")
 
     def _hold_devices(self, held: threading.Event) -> None:
-        locks = [(ctx.name, ctx.lock) for ctx, _device in self.devices]
+        locks = [(getattr(ctx, "name", "?"), ctx.lock) for ctx, _device in self.devices]
         for name, lock in locks:
             self._pause_waits_for = name
             lock.acquire()
