@@ -15,6 +15,7 @@ class FakeVcpu:
     def __init__(self, name, parks=True):
         self.name = name
         self.parked = threading.Event()
+        self.exits = {}
         self._parks = parks
 
     def kick(self):
@@ -26,7 +27,7 @@ class FakeVcpu:
 
 
 def machine(*vcpus, devices=("serial8250.0",)):
-    m = Machine(types.SimpleNamespace(name="vm"), pm=object())
+    m = Machine(types.SimpleNamespace(name="vm", vcpus=1, memory=16 << 20), pm=object())
     m.threads = list(vcpus)
     m.devices = [(types.SimpleNamespace(name=n, lock=threading.RLock(), pausables=()), object())
                  for n in devices]
@@ -113,3 +114,17 @@ def test_graceful_stop_does_not_wait_forever_for_a_busy_device(monkeypatch):
     finally:
         release.set()
     assert finished and error is None and calls == [False]
+
+
+def test_the_control_socket_answers_a_pause_that_hung_with_an_error(tmp_path, monkeypatch):
+    from kvmkit import control
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    m = machine(FakeVcpu("vcpu0", parks=False))
+    m.pause = lambda: Machine.pause(m, timeout=0.2)
+    server = control.ControlServer(m, "vm")
+    try:
+        answer = control.request("vm", "pause", wait_s=10)
+        assert answer["ok"] is False and "vcpu0 did not stop" in answer["error"]
+        assert control.request("vm", "status", wait_s=10)["result"]["state"] == "running"
+    finally:
+        server.close()
