@@ -83,7 +83,8 @@ class VirtioPciRuntime:
             try:
                 self.machine.vm.ioeventfd(fd, base + NOTIFY + i * NOTIFY_MULTIPLIER, 2, deassign=deassign)
             except OSError as e:            # kicks still arrive as MMIO exits
-                log.warning("%s: queue %d ioeventfd: %s", self.ctx.name, i, e)
+                self.transport.glog.warning(("ioeventfd", i), "%s: queue %d ioeventfd: %s",
+                                            self.ctx.name, i, e)
 
     # -- interrupts --------------------------------------------------------------------------
     def _route(self, index: int) -> None:
