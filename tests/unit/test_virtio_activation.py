@@ -152,7 +152,8 @@ def test_virtio_net_activate_is_idempotent():
     tap = type("Tap", (), {"fd": sock.fileno(), "ifname": "fake0", "supported_offloads": 0,
                            "offloads": 0, "set_offloads": lambda self, f: None,
                            "close": lambda self: None})()
-    dev = net.VirtioNet(TapBackend(tap, spawn=None, log=logging.getLogger("test")), mac=b"\x52\x54\x00\x00\x00\x01")
+    dev = net.VirtioNet(TapBackend(tap, spawn=None, log=logging.getLogger("test")),
+                        mac=b"\x52\x54\x00\x00\x00\x01")
     host = EngineHost(index=1)
     dev.queue_backend, dev.host = queues, host
     mem = GuestMemory(MEM, backing=bytearray(MEM))
