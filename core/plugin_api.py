@@ -53,7 +53,7 @@ __all__ = [
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "ConfigSpace", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
-    "QUEUE_KEY",
+    "QUEUE_KEY", "GuestLog",
 ]
 
 PIO = "pio"
