@@ -22,6 +22,7 @@ import socket
 import stat
 import termios
 import threading
+import time
 import tty
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +35,8 @@ POLL_S = 0.2                # how often reader threads look at ctx.stopping
 CHUNK = 4096
 SOCKET_OUT_LIMIT = 64 * 1024
 HELD_LIMIT = 4096           # terminal input kept while the guest reads nothing
-OUT_LIMIT = 64 * 1024       # output kept while standard output is full
+OUT_LIMIT = 1 << 20         # output kept while standard output is full (a slow terminal)
+CLOSE_FLUSH_S = 2.0         # how long close() waits for standard output to take what is kept
 
 
 class InputSink(Protocol):
@@ -149,6 +151,23 @@ class NonBlockingOutput:
         """Write what is kept, as far as the sink takes it now."""
         with self._lock:
             self._flush_locked()
+
+    def drain(self, wait_s: float) -> None:
+        """Write what is kept, waiting up to ``wait_s`` for the sink; what is
+        still kept after that counts as dropped."""
+        deadline = time.monotonic() + wait_s
+        while self.pending and not self.failed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                select.select([], [self.fd], [], min(left, 0.1))
+            except (OSError, ValueError):
+                break
+            self.flush()
+        with self._lock:
+            self.dropped += len(self._buf)
+            self._buf.clear()
 
     def close(self) -> None:
         if self._sock is not None:
@@ -358,7 +377,7 @@ class StdioBackend(_Reader):
                 pass
 
     def _release(self) -> None:
-        self.out.flush()
+        self.out.drain(CLOSE_FLUSH_S)
         self.out.close()
         if self.out.dropped:
             self._ctx.log.warning("%s: %d bytes of guest output dropped: standard output stayed "
