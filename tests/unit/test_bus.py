@@ -151,6 +151,6 @@ def test_a_guest_touching_ever_new_addresses_cannot_grow_the_vmm(caplog):
         tracemalloc.stop()
     assert len(bus._missed) <= 4096
     assert now - base < 64 << 10, f"bus grew by {now - base} bytes over 100k misses"
-    lines = [r for r in caplog.records if r.name == "kvmkit.bus"]
-    assert 0 < len(lines) <= 70
-    assert "further ones: one line per" in lines[-1].getMessage()
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvmkit.bus"]
+    assert 0 < len(lines) <= 64 + 5          # the first 64, then one a minute with a count
+    assert any("further ones: one line per" in line for line in lines)
