@@ -3,8 +3,10 @@
 Each range belongs to a device; the device's lock is held around every call
 into its handler, so device code is never entered by two threads at once.
 An access no range claims goes to the ``miss`` callback (the
-``kvmkit_unhandled_io`` hook); if that declines, the first access to each
-address is logged and reads return all-ones.
+``kvmkit_unhandled_io`` hook); if that declines, reads return all-ones and
+the first access to each address is logged, rate-limited: a guest touching
+ever new addresses gets a summary line with a count, and the set of
+addresses remembered stays below ``MISSED_LIMIT``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import logging
 import threading
 from typing import Callable
 
+from .guest_log import GuestLog
+
 log = logging.getLogger("kvmkit.bus")
+
+MISSED_LIMIT = 1024      # unclaimed addresses remembered (to log each once) per bus
+MISSED_BURST = 64        # unclaimed-access lines logged in full per bus, then counted
 
 
 class BusConflict(Exception):
@@ -55,6 +62,7 @@ class Bus:
         self._miss = miss
         self._missed: set[int] = set()
         self._missed_lock = threading.Lock()
+        self._miss_log = GuestLog(log, burst=MISSED_BURST)
 
     def add(self, base: int, size: int, handler, lock, owner: str) -> None:
         if size <= 0 or base < 0:
@@ -139,9 +147,11 @@ class Bus:
                 return 0 if is_write else int(result) & ((1 << (8 * size)) - 1)
         if addr not in self._missed:
             with self._missed_lock:
-                if addr not in self._missed:
+                if addr in self._missed:
+                    return (1 << (8 * size)) - 1
+                if len(self._missed) < MISSED_LIMIT:
                     self._missed.add(addr)
-                    log.info("unclaimed %s %s at %#x (size %d)%s; ignoring further accesses",
-                             self.space, "write" if is_write else "read", addr, size,
-                             f" value {value:#x}" if is_write else "")
+            self._miss_log.info("unclaimed", "unclaimed %s %s at %#x (size %d)%s; ignoring further "
+                                "accesses", self.space, "write" if is_write else "read", addr, size,
+                                f" value {value:#x}" if is_write else "")
         return (1 << (8 * size)) - 1

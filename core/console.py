@@ -6,6 +6,12 @@ so whatever device uses stdio (a serial console) behaves as on a terminal.
 (``<runtime dir>/<name>.console``, owner-only), one client at a time; what
 the guest prints while nobody is attached is kept (the last 64 KiB) and
 replayed on attach.  :func:`attach` is the client: Ctrl-] detaches.
+
+The relay never waits on either side: a client that stops reading gets at
+most ``CLIENT_LIMIT`` bytes queued (then it is dropped: the backlog replays
+on its next attach), one that vanishes (reset, broken pipe) is dropped, and
+input for a guest whose terminal is full is dropped and counted, so the pty
+is always read and the guest's console never fills up.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import tty
 from .control import ControlError, console_path, listen
 
 BACKLOG = 64 << 10
+CLIENT_LIMIT = 256 << 10           # output queued for a client that does not read
 DETACH = 0x1D                      # Ctrl-]
 
 
@@ -32,6 +39,10 @@ class ConsoleRelay:
         self.backlog: collections.deque[bytes] = collections.deque()
         self.backlog_size = 0
         self.client: socket.socket | None = None
+        self._to_client = bytearray()
+        self.input_dropped = 0             # client input the guest's terminal had no room for
+        os.set_blocking(master_fd, False)
+        self.sock.setblocking(False)
         self._stop_r, self._stop_w = os.pipe()
         self.thread = threading.Thread(target=self._run, name="console-relay", daemon=True)
         self.thread.start()
@@ -46,40 +57,85 @@ class ConsoleRelay:
         if self.client is not None:
             self.client.close()
             self.client = None
+        self._to_client.clear()
+
+    def _send_client(self, data: bytes = b"") -> None:
+        """Queue ``data`` for the client and send what its socket takes now."""
+        self._to_client += data
+        if len(self._to_client) > CLIENT_LIMIT:     # it stopped reading: let it go
+            self._drop_client()
+            return
+        while self._to_client:
+            try:
+                n = self.client.send(self._to_client)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop_client()
+                return
+            del self._to_client[:n]
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        if self.client is not None:
+            try:
+                conn.send(b"kvmkit: another console client is attached\r\n")
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.client = conn
+        self._send_client(b"".join(self.backlog))
+
+    def _to_guest(self, data: bytes) -> None:
+        try:
+            n = os.write(self.master, data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            n = len(data)
+        self.input_dropped += len(data) - n
 
     def _run(self) -> None:
         while True:
-            fds = [self.master, self.sock, self._stop_r] + ([self.client] if self.client else [])
-            ready, _, _ = select.select(fds, [], [])
+            client = self.client
+            fds = [self.master, self.sock, self._stop_r] + ([client] if client else [])
+            wfds = [client] if client is not None and self._to_client else []
+            ready, writable, _ = select.select(fds, wfds, [])
             if self._stop_r in ready:
                 return
             if self.sock in ready:
-                conn, _ = self.sock.accept()
-                if self.client is not None:
-                    conn.sendall(b"kvmkit: another console client is attached\r\n")
-                    conn.close()
-                else:
-                    self.client = conn
-                    conn.sendall(b"".join(self.backlog))
+                self._accept()
+            if client is not None and client in writable and self.client is client:
+                self._send_client()
             if self.master in ready:
                 try:
                     data = os.read(self.master, 4096)
+                except (BlockingIOError, InterruptedError):
+                    data = None
                 except OSError:
                     return
-                if not data:
-                    return
-                self._keep(data)
-                if self.client is not None:
-                    try:
-                        self.client.sendall(data)
-                    except OSError:
-                        self._drop_client()
-            if self.client is not None and self.client in ready:
-                data = self.client.recv(4096)
+                if data is not None:
+                    if not data:
+                        return
+                    self._keep(data)
+                    if self.client is not None:
+                        self._send_client(data)
+            if client is not None and client in ready and self.client is client:
+                try:
+                    data = client.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:                    # reset by a client that died
+                    data = b""
                 if not data:
                     self._drop_client()
                 else:
-                    os.write(self.master, data)
+                    self._to_guest(data)
 
     def close(self) -> None:
         os.write(self._stop_w, b"x")

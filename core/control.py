@@ -167,11 +167,15 @@ class ControlServer:
         cmd = req["cmd"]
         if cmd == "status":
             return m.status()
-        if cmd == "pause":
-            m.pause()
-            return m.status()
-        if cmd == "resume":
-            m.resume()
+        if cmd in ("pause", "resume"):
+            from .machine import PauseError
+            try:
+                if cmd == "pause":
+                    m.pause()
+                else:
+                    m.resume()
+            except PauseError as e:                # something hung: say what, the VM runs
+                raise ControlError(str(e)) from None
             return m.status()
         if cmd == "kill":
             m.request_stop("killed through the control socket", EXIT_FORCED)
@@ -188,7 +192,11 @@ class ControlServer:
 
     def _graceful_stop(self, timeout: float) -> dict:
         m = self.machine
-        m.resume()
+        from .machine import PauseError
+        try:
+            m.resume()
+        except PauseError as e:                    # the vCPUs run; the stop goes on
+            log.warning("%s", e)
         if not m.request_guest_shutdown():
             m.request_stop("forced stop: no device can ask the guest to shut down", EXIT_FORCED)
             return {"graceful": False}

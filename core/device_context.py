@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .plugin_api import MMIO, PIO, DeviceError
+from .plugin_api import EXIT_ERROR, MMIO, PIO, DeviceError
 
 
 class DeviceContext:
@@ -53,7 +53,18 @@ class DeviceContext:
         self._machine.shutdown_handlers.append((self, callback))
 
     def spawn(self, name: str, target) -> threading.Thread:
-        t = threading.Thread(target=target, name=f"{self.name}:{name}", daemon=True)
+        """Run ``target`` on a thread of this device; if it raises, the VM
+        stops with status 1 naming the device (as a raising model does)."""
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:
+                self.log.debug("thread %s died", name, exc_info=True)
+                self._machine.request_stop(f"device {self.name} failed: its {name} thread died: "
+                                           f"{type(e).__name__}: {e} (--debug shows where)",
+                                           EXIT_ERROR)
+
+        t = threading.Thread(target=run, name=f"{self.name}:{name}", daemon=True)
         self.threads.append(t)
         t.start()
         return t

@@ -34,8 +34,16 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 ACPI_GED_GSI = 10                    # the power button's interrupt (edge, active high; ISA IRQ 10 is free; 9 is the SCI)
 
 
+PAUSE_TIMEOUT = 5.0                  # seconds pause/resume/graceful stop wait for a thread or lock
+
+
 class MachineError(Exception):
     """The machine cannot be built as configured (one line, says what to fix)."""
+
+
+class PauseError(Exception):
+    """pause or resume did not complete in time (the message says what hung);
+    the VM is left running."""
 
 
 class Machine:
@@ -66,6 +74,7 @@ class Machine:
         self.running.set()
         self._pause_lock = threading.Lock()
         self._pauser: threading.Thread | None = None
+        self._pause_waits_for = ""              # the device whose lock the pause thread awaits
 
     # -- plumbing for devices --------------------------------------------------------
     def _miss(self, space, address, size, is_write, value):
@@ -94,28 +103,47 @@ class Machine:
     def paused(self) -> bool:
         return not self.running.is_set()
 
-    def pause(self) -> None:
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """Stop every vCPU (outside KVM_RUN) and every device thread: a thread
-        of this machine holds every device lock until resume()."""
+        of this machine holds every device lock until resume().
+
+        vCPUs park first (a parked vCPU holds no device lock), then the pause
+        thread takes the device locks, always in the same order.  Each step
+        has a deadline: PauseError says what did not stop, and the VM runs on."""
         with self._pause_lock:
             if self.paused or self.stopping.is_set():
                 return
-            held = threading.Event()
+            if self._pauser is not None and self._pauser.is_alive():
+                raise PauseError("the previous pause is still letting go of the devices "
+                                 f"({self._pause_waits_for or 'pause thread'}); try again")
+            deadline = time.monotonic() + timeout
             self.running.clear()
             for t in self.threads:
                 t.kick()
+            stuck = [t.name for t in self.threads
+                     if t.is_alive() and not t.parked.wait(max(0.0, deadline - time.monotonic()))]
+            if stuck:
+                self.running.set()
+                raise PauseError(f"pause failed: {', '.join(stuck)} did not stop within "
+                                 f"{timeout:g} s (busy in a device?); the VM keeps running")
+            held = threading.Event()
             self._pauser = threading.Thread(target=self._hold_devices, args=(held,),
                                             name="pause", daemon=True)
             self._pauser.start()
-            held.wait()
-            for t in self.threads:
-                t.parked.wait(timeout=5)
+            if not held.wait(max(0.0, deadline - time.monotonic())):
+                waits_for = self._pause_waits_for
+                self.running.set()            # the pause thread lets go once it has them
+                raise PauseError(f"pause failed: device {waits_for} did not let go of its lock "
+                                 f"within {timeout:g} s; the VM keeps running")
             log.info("paused")
 
     def _hold_devices(self, held: threading.Event) -> None:
-        locks = [ctx.lock for ctx, _device in self.devices]
-        for lock in locks:
+        locks = [(getattr(ctx, "name", "?"), ctx.lock) for ctx, _device in self.devices]
+        for name, lock in locks:
+            self._pause_waits_for = name
             lock.acquire()
+        self._pause_waits_for = ""
+        locks = [lock for _name, lock in locks]
         # Threads that never take a device lock (C queue engines) pause here.
         pausables = [p for ctx, _device in self.devices for p in getattr(ctx, "pausables", ())]
         for p in pausables:
@@ -127,13 +155,16 @@ class Machine:
         for lock in reversed(locks):
             lock.release()
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = PAUSE_TIMEOUT) -> None:
         with self._pause_lock:
             if not self.paused:
                 return
             self.running.set()
             if self._pauser is not None:
-                self._pauser.join(timeout=5)
+                self._pauser.join(timeout=timeout)
+                if self._pauser.is_alive():
+                    raise PauseError(f"resume: the devices were not let go within {timeout:g} s "
+                                     "(a device's resume hangs); the vCPUs run")
             log.info("resumed")
 
     def request_guest_shutdown(self) -> bool:
@@ -143,9 +174,15 @@ class Machine:
         the guest now, e.g. the ACPI power button of a guest without ACPI)
         passes the request on to the next."""
         for ctx, callback in self.shutdown_handlers:
-            with ctx.lock:
+            if not ctx.lock.acquire(timeout=PAUSE_TIMEOUT):
+                log.warning("%s is busy (its lock was not free within %g s); it cannot ask the "
+                            "guest to shut down", getattr(ctx, "name", "a device"), PAUSE_TIMEOUT)
+                continue
+            try:
                 if callback() is False:
                     continue
+            finally:
+                ctx.lock.release()
             return True
         return False
 

@@ -43,7 +43,7 @@ class GuestMemory:
         if backing is not None:                      # tests: plain bytes, no mmap
             if len(backing) != size:
                 raise ValueError("backing has the wrong size")
-            self._map = None
+            self._map = backing
             self._buf = memoryview(backing)
         else:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -108,9 +108,12 @@ class GuestMemory:
 
     def host_buffer(self):
         """The host mapping (for registering memory slots with KVM)."""
-        return self._map if self._map is not None else self._buf
+        # The object itself, never the memoryview: a C queue's export of a
+        # memoryview that the garbage collector clears in a cycle (device <->
+        # transport) crashes the process when the export is released.
+        return self._map
 
     def close(self) -> None:
         self._buf.release()
-        if self._map is not None:
+        if isinstance(self._map, mmap.mmap):
             self._map.close()

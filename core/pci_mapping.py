@@ -13,6 +13,7 @@ import types
 from typing import Callable, Mapping
 
 from .bus import BusConflict
+from .guest_log import GuestLog
 
 log = logging.getLogger("kvmkit.pci")
 
@@ -30,6 +31,7 @@ class BarMapper:
                  on_unmap: Callable[[int, int], None] | None = None):
         self.machine = machine
         self.owner = owner
+        self.glog = GuestLog(log)      # BAR conflicts the guest programs, rate-limited
         self.lock = lock
         self.config = config
         self.handlers = dict(handlers)
@@ -55,7 +57,7 @@ class BarMapper:
             try:
                 self._bus(index).add(base, size, self.handlers[index], self.lock, self.owner)
             except BusConflict as e:
-                log.warning("%s: BAR %d not mapped: %s", self.owner, index, e)
+                self.glog.warning(("conflict", index), "%s: BAR %d not mapped: %s", self.owner, index, e)
                 continue
             self.mapped[index] = base
             self.on_map(index, base)

@@ -53,7 +53,7 @@ __all__ = [
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "ConfigSpace", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
-    "QUEUE_KEY",
+    "QUEUE_KEY", "GuestLog",
 ]
 
 PIO = "pio"
@@ -265,7 +265,8 @@ class DeviceContext(Protocol):
         this device's lock held."""
 
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
-        """Start a daemon thread the core knows of (joined at shutdown)."""
+        """Start a daemon thread the core knows of (joined at shutdown); if
+        ``target`` raises, the VM stops with status 1 naming the device."""
 
     def request_stop(self, reason: str, exit_code: int = 0) -> None:
         """Ask the VMM to stop the VM (guest reset, user quit...)."""
@@ -305,6 +306,7 @@ _REEXPORTS = {
     "Chain": "kvmkit.virtio.queue",
     "SplitQueue": "kvmkit.virtio.queue",
     "VirtqueueError": "kvmkit.virtio.queue",
+    "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
 }
 
 

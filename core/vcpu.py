@@ -155,6 +155,10 @@ class VcpuThread(threading.Thread):
                 r = vcpu.run_once()
                 if r < 0:
                     if r == -errno.EINTR:
+                        # A kick's immediate_exit must not outlive it: if the pause it
+                        # was for is already over, the next KVM_RUN would fail again,
+                        # and again, and the guest would never run (resume raced us).
+                        vcpu.run.immediate_exit = 0
                         continue
                     if r == -errno.EAGAIN:      # an AP waiting for its start-up IPI
                         time.sleep(0.001)

@@ -13,3 +13,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# -- fuzz tests report how many inputs they ran (in every run, not only with -s) -------------
+_FUZZ_COUNTS = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def fuzz_report(request):
+    """fuzz_report(line): a line printed in the terminal summary (the input count)."""
+    lines = request.config.stash.setdefault(_FUZZ_COUNTS, [])
+    return lines.append
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(_FUZZ_COUNTS, [])
+    if lines:
+        terminalreporter.section("fuzz inputs")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Callable
 
+from ..guest_log import GuestLog
 from .dsdt import EVENT_TAKEN, OSPM_READY, S5_SLP_TYP
 from .tables import PowerRegisters
 
@@ -44,6 +45,7 @@ class AcpiPlatform:
     def __init__(self, stop: Callable[[str, int], None], clock: Callable[[], float] = time.monotonic):
         self._stop = stop
         self._clock = clock
+        self.glog = GuestLog(log)        # what guest port writes make us log, rate-limited
         self._t0 = clock()
         self.pm1_enable = 0
         self.ospm_ready = False          # the guest's ACPI ran the GED's _INI
@@ -64,7 +66,8 @@ class AcpiPlatform:
             if slp_typ == S5_SLP_TYP:
                 self._stop("guest power-off", 0)
             else:
-                log.warning("guest asked for sleep type %d; only S5 (power-off) is offered", slp_typ)
+                self.glog.warning("sleep", "guest asked for sleep type %d; only S5 (power-off) is offered",
+                                  slp_typ)
         elif offset == RESET and value & 0xFF == RESET_VALUE:
             self._stop("guest reset (ACPI)", 0)
         elif offset == OSPM:
@@ -73,4 +76,4 @@ class AcpiPlatform:
                 log.info("the guest runs ACPI: the power button is the graceful stop")
             elif value & 0xFF == EVENT_TAKEN:
                 self.events_taken += 1
-                log.info("the guest took the power-button event")
+                self.glog.info("event", "the guest took the power-button event")

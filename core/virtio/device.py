@@ -88,7 +88,11 @@ class VirtioDevice:
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self, queues: list, driver_features: int) -> None:
         """The driver set DRIVER_OK.  ``queues`` holds a SplitQueue (or None
-        for a queue the driver did not enable) per entry of ``queue_sizes``."""
+        for a queue the driver did not enable) per entry of ``queue_sizes``.
+
+        The transport activates a device once per reset, but a model must
+        be idempotent anyway: a second call replaces the first (an engine
+        or thread started for the old queues is stopped, never doubled)."""
         self.queues = queues
         self.driver_features = driver_features
 

@@ -11,6 +11,14 @@ This class is pure: no KVM, no threads.  The runtime that wires it to KVM
 address and data), ``set_intx`` (the INTx level) and ``kick`` (a queue was
 notified through an MMIO write: wake the worker), calls ``notify`` on the
 device's worker thread, and holds the device lock around every call.
+
+A hostile driver is expected: every register keeps only the bits of its
+width (a 4-byte write of 0x10000 to the 16-bit ``queue_select`` selects
+queue 0, as a 16-bit register would), unknown offsets read 0 and ignore
+writes, and the status follows the spec's rules (3.1.1, 2.1.2): the driver
+may set bits, never clear them except by writing 0 (a reset).  A write that
+clears bits is a driver error: it is ignored and the device reports
+DEVICE_NEEDS_RESET, so the device is activated at most once per reset.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import logging
 import struct
 from typing import Callable
 
+from ..guest_log import GuestLog
 from ..pci import ConfigSpace, MsixCapability, MsixTable, PCI_CAP_ID_VNDR
 from .device import TRANSPORT_FEATURES, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
 from .queue import SplitQueue, VirtqueueError
@@ -72,6 +81,7 @@ class VirtioPciTransport:
                  on_msix_control: Callable[[bool, bool], None] | None = None,
                  queue_factory: Callable[..., object] = SplitQueue):
         self.device = device
+        self.glog = GuestLog(log)              # what the driver makes us log, rate-limited
         self.queue_factory = queue_factory     # a queue backend's split_queue
         self.isr_sources: list[Callable[[], int]] = []   # read-and-clear ISR bits set elsewhere (C)
         self.memory = memory
@@ -178,23 +188,25 @@ class VirtioPciTransport:
     def _common_write(self, off: int, size: int, value: int) -> None:
         q = self.selected
         if off == 0x00:
-            self.device_feature_select = value
+            self.device_feature_select = value & 0xFFFFFFFF
         elif off == 0x08:
-            self.driver_feature_select = value
+            self.driver_feature_select = value & 0xFFFFFFFF
         elif off == 0x0C:
             if self.status & STATUS_FEATURES_OK or self.driver_feature_select > 1:
                 return
             shift = 32 * self.driver_feature_select
             self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | ((value & 0xFFFFFFFF) << shift)
         elif off == 0x10:
+            value &= 0xFFFF
             self.config_vector = value if value < self.vectors else NO_VECTOR
         elif off == 0x14:
             self._set_status(value & 0xFF)
         elif off == 0x16:
-            self.queue_select = value
-        elif q is None or self.status & STATUS_DRIVER_OK:
+            self.queue_select = value & 0xFFFF
+        if q is None or self.status & STATUS_DRIVER_OK or off < 0x18:
             return                                   # queue fields are frozen once running
-        elif off == 0x18:
+        value &= 0xFFFF if off < 0x20 else 0xFFFF_FFFF_FFFF_FFFF
+        if off == 0x18:
             if value and value <= q.max_size and value & (value - 1) == 0:
                 q.size = value
         elif off == 0x1A:
@@ -215,6 +227,16 @@ class VirtioPciTransport:
             self.reset()
             return
         old = self.status
+        value &= ~STATUS_NEEDS_RESET                 # the device's bit, not the driver's
+        if old & ~value & ~STATUS_NEEDS_RESET:
+            # 2.1.2: the driver MUST NOT clear a status bit (only a reset does).
+            # Clearing DRIVER_OK and setting it again would activate the device
+            # a second time over live queues: refuse, and ask for a reset.
+            self.glog.warning("status", "virtio device %d: the driver cleared status bits "
+                              "(%#x -> %#x) without a reset; device needs reset",
+                              self.device.device_id, old, value)
+            self.needs_reset()
+            return
         if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
             # Features the device never offered, or a driver without VERSION_1: refuse.
             if self.driver_features & ~self.offered or not self.driver_features >> 32 & 1:
@@ -235,7 +257,8 @@ class VirtioPciTransport:
                 active.append(self.queue_factory(self.memory, q.size, q.desc, q.driver, q.device,
                                                  event_idx=event_idx, indirect=indirect))
             except VirtqueueError as e:
-                log.warning("virtio device %d: queue %d unusable: %s", self.device.device_id, i, e)
+                self.glog.warning(("unusable", i), "virtio device %d: queue %d unusable: %s",
+                                  self.device.device_id, i, e)
                 self.needs_reset()
                 return
         self.active = active
@@ -256,7 +279,8 @@ class VirtioPciTransport:
         try:
             self.device.process(index)
         except VirtqueueError as e:
-            log.warning("virtio device %d: queue %d: %s", self.device.device_id, index, e)
+            self.glog.warning(("broken", index), "virtio device %d: queue %d: %s", self.device.device_id,
+                              index, e)
             self.interrupt_if_due(index)         # requests served before the bad chain
             self.needs_reset()
             return

@@ -84,7 +84,8 @@ class VirtioPciRuntime:
             try:
                 self.machine.vm.ioeventfd(fd, base + NOTIFY + i * NOTIFY_MULTIPLIER, 2, deassign=deassign)
             except OSError as e:            # kicks still arrive as MMIO exits
-                log.warning("%s: queue %d ioeventfd: %s", self.ctx.name, i, e)
+                self.transport.glog.warning(("ioeventfd", i), "%s: queue %d ioeventfd: %s",
+                                            self.ctx.name, i, e)
 
     # -- interrupts --------------------------------------------------------------------------
     def _route(self, index: int) -> None:
@@ -94,8 +95,9 @@ class VirtioPciRuntime:
         self._forward_masks()
 
     def _msix_control(self, enabled: bool, function_masked: bool) -> None:
-        log.info("%s: MSI-X %s%s", self.ctx.name, "enabled" if enabled else "disabled",
-                 " (function masked)" if function_masked else "")
+        self.transport.glog.info("msix", "%s: MSI-X %s%s", self.ctx.name,
+                                 "enabled" if enabled else "disabled",
+                                 " (function masked)" if function_masked else "")
         self._forward_masks()
 
     def _forward_masks(self) -> None:
@@ -195,7 +197,8 @@ class VirtioPciRuntime:
         try:
             engine.service()
         except VirtqueueError as e:
-            log.warning("virtio device %d: queue %d: %s", self.device.device_id, index, e)
+            self.transport.glog.warning(("broken", index), "virtio device %d: queue %d: %s",
+                                        self.device.device_id, index, e)
             self.transport.needs_reset()
 
     def _work(self) -> None:

@@ -146,3 +146,27 @@ def test_cached_lookups_follow_a_moved_range():
     bus.add(0xC000, 0x40, new, lock, "bar")
     assert bus.read(0xC010, 4) == 2
     assert old.calls == [("r", 0x10, 4)] * 2
+
+
+def test_a_guest_touching_ever_new_addresses_cannot_grow_the_vmm(caplog):
+    """500k distinct unclaimed addresses: memory and log lines stay bounded
+    (the old bus remembered every address: ~40 MiB and 500k log lines)."""
+    import tracemalloc
+
+    bus = Bus("mmio")
+    caplog.set_level("INFO", logger="kvmkit.bus")
+    for i in range(400_000):
+        assert bus.read(0xC000_0000 + 4 * i, 4) == 0xFFFFFFFF
+    tracemalloc.start()                     # the last 100k (traced: slower)
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for i in range(400_000, 500_000):
+            bus.write(0xC000_0000 + 4 * i, 4, i)
+        now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(bus._missed) <= 4096
+    assert now - base < 64 << 10, f"bus grew by {now - base} bytes over 100k misses"
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvmkit.bus"]
+    assert 0 < len(lines) <= 64 + 5          # the first 64, then one a minute with a count
+    assert any("further ones: one line per" in line for line in lines)

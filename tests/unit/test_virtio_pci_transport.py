@@ -220,3 +220,21 @@ def test_device_wake_runs_the_queue_like_a_kick():
     head = drv.add([(out, 2)], [(back, 2)])
     h.dev.wake(0)                               # host-side work, no guest kick
     assert drv.used() == [(head, 2)] and h.mem.read(back, 2) == b"yx"
+
+
+@pytest.mark.parametrize("off,size,value,reads_back", [
+    (0x16, 4, 0x10000, 0),                      # queue_select is 16 bits: 0x10000 selects queue 0
+    (0x16, 8, (1 << 64) - 1, 0xFFFF),
+    (0x00, 8, 1 << 32, 0),                      # device_feature_select is 32 bits
+    (0x08, 8, (1 << 32) | 1, 1),                # driver_feature_select too
+    (0x10, 8, (1 << 32) | 1, 1),                # config_msix_vector: 16 bits, then checked
+])
+def test_registers_keep_only_their_width(off, size, value, reads_back):
+    """Before: a 4-byte write of 0x10000 to queue_select made every later
+    common-config read raise struct.error (the VM stopped with status 1)."""
+    h = Harness()
+    h.common(off, size, value)
+    width = {0x16: 2, 0x10: 2}.get(off, 4)
+    assert h.common(off, width) == reads_back
+    for o in range(0, 0x38, 2):                 # every field still reads
+        h.common(o, 2)

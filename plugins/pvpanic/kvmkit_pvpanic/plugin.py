@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kvmkit.plugin_api import (EXIT_GUEST_PANIC, ConfigSpace, DeviceConfig, DeviceContext,
-                               DevicePlugin, DeviceSpec)
+                               DevicePlugin, DeviceSpec, GuestLog)
 
 from .pvpanic import CRASH_LOADED, PANICKED, PvPanic
 
@@ -21,6 +21,7 @@ SPEC = DeviceSpec(
 class PvPanicDevice:
     def __init__(self, config: DeviceConfig, ctx: DeviceContext):
         self._ctx = ctx
+        self._glog = GuestLog(ctx.log)          # the guest may write the register at will
         self.register = PvPanic(self._event)
         self.config = ConfigSpace(vendor_id=PCI_VENDOR_REDHAT, device_id=PCI_DEVICE_PVPANIC,
                                   class_code=PCI_CLASS_SYSTEM_OTHER, revision=1,
@@ -33,7 +34,7 @@ class PvPanicDevice:
         if event & PANICKED:
             self._ctx.request_stop("guest kernel panicked (pvpanic)", EXIT_GUEST_PANIC)
         elif event & CRASH_LOADED:
-            self._ctx.log.info("guest loaded a crash kernel (pvpanic)")
+            self._glog.info("crash-loaded", "guest loaded a crash kernel (pvpanic)")
 
 
 plugin = DevicePlugin(SPEC, PvPanicDevice)

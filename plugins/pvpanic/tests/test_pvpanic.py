@@ -35,3 +35,15 @@ def test_garbage_writes_are_ignored():
             reg.write(offset, 1, value)
         assert ctx.stop_requests == []
         assert reg.read(4, 4) == 0
+
+
+def test_a_guest_repeating_crash_loaded_does_not_flood_the_log(caplog):
+    with FakeContext() as ctx:
+        create(ctx)
+        reg = ctx.pci[0][1][0]
+        caplog.set_level("INFO")
+        for _ in range(5_000):
+            reg.write(0, 1, 2)
+        assert ctx.stop_requests == []
+    lines = [r for r in caplog.records if "crash kernel" in r.getMessage()]
+    assert 1 <= len(lines) <= 11

@@ -11,6 +11,9 @@ from .mc146818 import Rtc
 
 KIND = "rtc"
 IDLE_POLL_S = 0.25          # how often an idle timer thread looks at ctx.stopping
+# Guest time must stay a date the clock (and the host's gmtime) can show:
+# 100 years either way keeps it within years 1900-2200 for any host date now.
+MAX_UTC_OFFSET = 100 * 365 * 86400
 
 SPEC = DeviceSpec(
     kind=KIND,
@@ -19,7 +22,8 @@ SPEC = DeviceSpec(
         Key("port", int, 0x70, "index port; the data port follows it", min=0, max=0xFFFE),
         Key("irq", int, 8, "ISA IRQ of the clock's interrupts", min=0, max=23),
         Key("utc_offset", int, 0,
-            "seconds added to host UTC (e.g. 3600 for a guest that keeps local time at UTC+1)"),
+            "seconds added to host UTC (e.g. 3600 for a guest that keeps local time at UTC+1); "
+            "at most 100 years either way", min=-MAX_UTC_OFFSET, max=MAX_UTC_OFFSET),
     ),
 )
 

@@ -131,3 +131,25 @@ def test_installed_entry_point_loads_this_plugin():
         pytest.skip("kvmkit-rtc is not installed")
     [ep] = [e for e in importlib.metadata.entry_points(group="kvmkit.devices") if e.name == "rtc"]
     assert ep.load() is plugin
+
+
+@pytest.mark.parametrize("offset", [10 ** 12, -10 ** 12, 2 ** 63])
+def test_utc_offset_out_of_range_is_a_one_line_schema_error(offset, tmp_path):
+    """Before: accepted, and the guest's first RTC read raised OverflowError
+    (the VM stopped with status 1)."""
+    from kvmkit.config import ConfigError, DeviceTable, validate_device
+    table = DeviceTable("rtc", {"utc_offset": offset}, "m.toml: device[1]", tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate_device(table, SPEC)
+    message = str(e.value)
+    assert "\n" not in message and "m.toml: device[1]" in message and "utc_offset" in message
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_largest_utc_offset_reads_fine(sign):
+    from kvmkit_rtc.plugin import MAX_UTC_OFFSET
+    with FakeContext() as ctx:
+        dev = create(ctx, utc_offset=sign * MAX_UTC_OFFSET)
+        for index in (m.SECONDS, m.MINUTES, m.HOURS, m.DAY_OF_MONTH, m.MONTH, m.YEAR):
+            reg(ctx, index)
+        dev.close()

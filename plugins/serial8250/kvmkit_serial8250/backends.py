@@ -7,6 +7,11 @@ files and sockets are read only while the sink has room, so a guest that does
 not read applies back-pressure to the host side instead of losing bytes.  A
 terminal is always read, so that its escapes work whatever the guest does;
 what the guest has no room for is held (up to ``HELD_LIMIT`` bytes).
+
+Output never blocks the vCPU: standard output goes through
+:class:`NonBlockingOutput`, which keeps up to ``OUT_LIMIT`` bytes while the
+terminal, pipe or pseudo-terminal is full (nobody reads it: a detached VM
+whose console client left) and drops and counts the rest.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import socket
 import stat
 import termios
 import threading
+import time
 import tty
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +35,8 @@ POLL_S = 0.2                # how often reader threads look at ctx.stopping
 CHUNK = 4096
 SOCKET_OUT_LIMIT = 64 * 1024
 HELD_LIMIT = 4096           # terminal input kept while the guest reads nothing
+OUT_LIMIT = 1 << 20         # output kept while standard output is full (a slow terminal)
+CLOSE_FLUSH_S = 2.0         # how long close() waits for standard output to take what is kept
 
 
 class InputSink(Protocol):
@@ -53,6 +61,120 @@ def write_all(fd: int, data: bytes, wait_s: float = 1.0) -> bool:
             return False
         view = view[n:]
     return True
+
+
+class NonBlockingOutput:
+    """Writes to ``fd`` that never wait: what does not fit now is kept (up to
+    ``limit`` bytes) for :meth:`flush`, beyond that dropped and counted.
+
+    fd 1 itself stays as it is (O_NONBLOCK on a terminal would reach every
+    process sharing it): a terminal, pseudo-terminal or pipe is opened again
+    through /proc with O_NONBLOCK (a description of our own), a socket is
+    written with MSG_DONTWAIT, and a regular file is written directly (it
+    never stays full)."""
+
+    def __init__(self, fd: int, limit: int = OUT_LIMIT):
+        self.limit = limit
+        self.dropped = 0
+        self.failed = False
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._own_fd = -1
+        self.fd = fd
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+        elif stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+            try:
+                self._own_fd = os.open(f"/proc/self/fd/{fd}",
+                                       os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+                self.fd = self._own_fd
+            except OSError:
+                pass                              # no /proc: select before each write
+        self._blocking = (self._sock is None and self._own_fd < 0
+                          and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)))
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def _send(self, data) -> int:
+        """Bytes of ``data`` written now, without waiting."""
+        if self._sock is not None:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        if self._blocking:                        # fallback: write only what surely fits
+            if not select.select([], [self.fd], [], 0)[1]:
+                return 0
+            data = data[:512]
+        return os.write(self.fd, data)
+
+    def _write_some(self, data) -> int:
+        try:
+            return self._send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:                           # the reader went away for good
+            self.failed = True
+            return len(data)
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.failed:
+                return
+            if self._buf:
+                self._flush_locked()
+            if not self._buf:
+                n = self._write_some(data)
+                data = data[n:]
+                if not data:
+                    return
+            room = self.limit - len(self._buf)
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+            self._buf += data
+
+    def _flush_locked(self) -> None:
+        while self._buf and not self.failed:
+            n = self._write_some(self._buf)
+            if n <= 0:
+                return
+            del self._buf[:n]
+        if self.failed:
+            self._buf.clear()
+
+    def flush(self) -> None:
+        """Write what is kept, as far as the sink takes it now."""
+        with self._lock:
+            self._flush_locked()
+
+    def drain(self, wait_s: float) -> None:
+        """Write what is kept, waiting up to ``wait_s`` for the sink; what is
+        still kept after that counts as dropped."""
+        deadline = time.monotonic() + wait_s
+        while self.pending and not self.failed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                select.select([], [self.fd], [], min(left, 0.1))
+            except (OSError, ValueError):
+                break
+            self.flush()
+        with self._lock:
+            self.dropped += len(self._buf)
+            self._buf.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._own_fd >= 0:
+            os.close(self._own_fd)
+            self._own_fd = -1
 
 
 class FileBackend:
@@ -165,15 +287,22 @@ class StdioBackend(_Reader):
         self._escape: EscapeFilter | None = None
         self._held = bytearray()                 # terminal input the guest had no room for
         self.dropped = 0                         # terminal input beyond HELD_LIMIT
-        self._out_failed = False
+        self.out = NonBlockingOutput(out_fd)     # output: never blocks the vCPU
 
     @property
     def raw_mode(self) -> bool:
         return self._saved_tty is not None
 
     def write(self, data: bytes) -> None:
-        if not self._out_failed and not write_all(self._out_fd, data):
-            self._out_failed = True             # stdout went away: keep the guest running
+        pending = self.out.pending
+        self.out.write(data)                    # stdout went away: keep the guest running
+        if self.out.pending and not pending:
+            self._wake()                        # the reader flushes what is kept
+
+    @property
+    def out_dropped(self) -> int:
+        """Output bytes dropped because standard output stayed full."""
+        return self.out.dropped
 
     def start(self) -> None:
         if _isatty(self._in_fd):
@@ -202,10 +331,13 @@ class StdioBackend(_Reader):
             # guest reads nothing; other input waits until the guest has room.
             readable = not eof and (room > 0 or self._escape is not None)
             fds = [self._wake_r, self._in_fd] if readable else [self._wake_r]
+            out = [self.out.fd] if self.out.pending else []
             try:
-                ready = select.select(fds, [], [], POLL_S)[0]
+                ready, writable, _ = select.select(fds, out, [], POLL_S)
             except (OSError, ValueError):        # stdin closed under us
                 return
+            if writable:
+                self.out.flush()
             if self._wake_r in ready:
                 self._drain_wake()
             if self._in_fd not in ready or self._done():
@@ -245,6 +377,11 @@ class StdioBackend(_Reader):
                 pass
 
     def _release(self) -> None:
+        self.out.drain(CLOSE_FLUSH_S)
+        self.out.close()
+        if self.out.dropped:
+            self._ctx.log.warning("%s: %d bytes of guest output dropped: standard output stayed "
+                                  "full (nobody read it)", self._ctx.name, self.out.dropped)
         self._restore_tty()
         atexit.unregister(self._restore_tty)
         with _stdin_claims_lock:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from kvmkit.plugin_api import VirtioDevice
+from kvmkit.plugin_api import GuestLog, VirtioDevice
 
 from . import protocol as p
 from .backend import BlockBackend
@@ -69,6 +69,7 @@ class VirtioBlk(VirtioDevice):
         self.readonly = bool(backend.readonly)
         self.discard = bool(discard) and not self.readonly
         self.log = log or logging.getLogger(__name__)
+        self.glog = GuestLog(self.log)          # lines the guest can repeat at will
         self.capacity = backend.size() // p.SECTOR
         self._writethrough = False
         self.engine = None                  # the queue backend's C data path, while active
@@ -101,6 +102,7 @@ class VirtioBlk(VirtioDevice):
         return self._config
 
     def activate(self, queues: list, driver_features: int) -> None:
+        self._stop_engine()             # idempotent: a second activation never leaves two engines
         super().activate(queues, driver_features)
         # 5.2.6.2: with FLUSH offered but not negotiated (and no CONFIG_WCE), a
         # write must be stable when it completes.
@@ -124,15 +126,16 @@ class VirtioBlk(VirtioDevice):
                           on_request=lambda chain: self._serve(mem, chain),
                           **({"poll_ns": self.poll_us * 1000} if self.poll_us else {}))
         except OSError as e:
-            self.log.warning("virtio-blk: the %s queue engine did not start (%s); "
-                             "serving the queue in Python", self.queue_backend.name, e)
+            self.glog.warning("engine", "virtio-blk: the %s queue engine did not start (%s); "
+                              "serving the queue in Python", self.queue_backend.name, e)
             return
         if engine is not None:
             self.engine = engine
             self.host.offload(0, engine)
-            self.log.info("virtio-blk: the request queue runs on the %s engine's C thread (%s%s)",
-                          self.queue_backend.name, "MSI-X" if wiring.msix else "INTx",
-                          f", polling {self.poll_us} us after each batch" if self.poll_us else "")
+            self.glog.info("engine-on", "virtio-blk: the request queue runs on the %s engine's "
+                           "C thread (%s%s)", self.queue_backend.name,
+                           "MSI-X" if wiring.msix else "INTx",
+                           f", polling {self.poll_us} us after each batch" if self.poll_us else "")
 
     def _stop_engine(self) -> None:
         if self.engine is not None:
@@ -140,10 +143,10 @@ class VirtioBlk(VirtioDevice):
             stats = self.engine.stats()
             self.engine.stop()
             self.engine = None
-            self.log.info("virtio-blk: the engine served %d requests in C and handed %d to "
-                          "Python%s", stats["requests"], stats["deferred"],
-                          f"; polling found {stats['polled']} batches in "
-                          f"{stats['poll_ns'] / 1e6:.1f} ms of polling" if self.poll_us else "")
+            self.glog.info("engine-off", "virtio-blk: the engine served %d requests in C and "
+                           "handed %d to Python%s", stats["requests"], stats["deferred"],
+                           f"; polling found {stats['polled']} batches in "
+                           f"{stats['poll_ns'] / 1e6:.1f} ms of polling" if self.poll_us else "")
 
     def reset(self) -> None:
         self._stop_engine()
@@ -180,8 +183,8 @@ class VirtioBlk(VirtioDevice):
             try:
                 status, written = self._dispatch(mem, chain, rtype, sector)
             except OSError as e:
-                self.log.warning("virtio-blk: host I/O error (type %d, sector %d): %s",
-                                 rtype, sector, e)
+                self.glog.warning("io-error", "virtio-blk: host I/O error (type %d, sector %d): "
+                                  "%s", rtype, sector, e)
                 status, written = p.S_IOERR, 0
         gpa, n = chain.writable[-1]                  # the status is the last writable byte
         mem.write(gpa + n - 1, bytes((status,)))

@@ -72,9 +72,11 @@ class UserBackend(_Threaded):
     rx_checksums_valid = True           # slirp computes every checksum it sends
 
     def __init__(self, *, spawn, log: logging.Logger, mtu: int = 1500,
-                 forwards: list[Forward] = (), hostname: str | None = None):
+                 forwards: list[Forward] = (), hostname: str | None = None,
+                 outbound: bool = True, host_loopback: bool = True):
         super().__init__(spawn, log)
-        self.slirp = Slirp(self._from_slirp, mtu=mtu, hostname=hostname, log=log)
+        self.slirp = Slirp(self._from_slirp, mtu=mtu, hostname=hostname, log=log,
+                           outbound=outbound, host_loopback=host_loopback)
         try:
             for fwd in forwards:
                 self.slirp.add_forward(fwd)

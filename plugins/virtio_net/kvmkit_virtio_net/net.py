@@ -37,7 +37,7 @@ import collections
 import logging
 import threading
 
-from kvmkit.plugin_api import VirtioDevice
+from kvmkit.plugin_api import GuestLog, VirtioDevice
 
 from . import protocol as p
 from .checksum import complete_checksum
@@ -97,6 +97,7 @@ class VirtioNet(VirtioDevice):
         self.backend = backend
         self.name = name
         self.log = log or logging.getLogger(__name__)
+        self.glog = GuestLog(self.log)          # lines the guest can repeat at will
         self.default_mac = bytes(mac)
         self.mac = bytes(mac)
         self.mtu = mtu
@@ -118,6 +119,7 @@ class VirtioNet(VirtioDevice):
         return p.config_bytes(self.mac, p.S_LINK_UP, self.mtu)
 
     def activate(self, queues: list, driver_features: int) -> None:
+        self._stop_tx_engine()          # idempotent: the engine always serves the current queue
         super().activate(queues, driver_features)
         self._held = []
         self._mergeable = self.negotiated(p.F_MRG_RXBUF)
@@ -169,7 +171,7 @@ class VirtioNet(VirtioDevice):
         fd = getattr(self.backend, "tap_fd", None)        # a TapBackend has one
         queue = self.queues[p.TX] if len(self.queues) > p.TX else None
         if (make is None or self.host is None or queue is None or not isinstance(fd, int)
-                or fd < 0 or self.tx_engine is not None):
+                or fd < 0):
             return
         wiring = self.host.wiring(p.TX)
         mem = queue.memory
@@ -180,14 +182,15 @@ class VirtioNet(VirtioDevice):
                           resample_fd=wiring.resample_fd,
                           on_frame=lambda chain: self._send(mem, chain))
         except OSError as e:
-            self.log.warning("%s: the %s transmit engine did not start (%s); serving the "
-                             "queue in Python", self.name, self.queue_backend.name, e)
+            self.glog.warning("engine", "%s: the %s transmit engine did not start (%s); serving "
+                              "the queue in Python", self.name, self.queue_backend.name, e)
             return
         if engine is not None:
             self.tx_engine = engine
             self.host.offload(p.TX, engine)
-            self.log.info("%s: the transmit queue runs on the %s engine's C thread (%s)",
-                          self.name, self.queue_backend.name, "MSI-X" if wiring.msix else "INTx")
+            self.glog.info("engine-on", "%s: the transmit queue runs on the %s engine's C thread "
+                           "(%s)", self.name, self.queue_backend.name,
+                           "MSI-X" if wiring.msix else "INTx")
 
     def _stop_tx_engine(self) -> None:
         engine = self.tx_engine
@@ -485,7 +488,8 @@ class VirtioNet(VirtioDevice):
             if mac[0] & 1:
                 return p.CTRL_ERR                        # multicast: not an address to own
             self.mac = bytes(mac)
-            self.log.info("%s: the guest set its MAC address to %s", self.name, format_mac(self.mac))
+            self.glog.info("mac", "%s: the guest set its MAC address to %s", self.name,
+                           format_mac(self.mac))
             return p.CTRL_OK
         return p.CTRL_ERR
 

@@ -33,6 +33,12 @@ SPEC = DeviceSpec(
             "user only: host-to-guest port forwards, each \"PROTO:[HOSTADDR]:HOSTPORT-"
             "[GUESTADDR]:GUESTPORT\" (e.g. \"tcp:127.0.0.1:2222-:22\"); an empty HOSTADDR is "
             "127.0.0.1, an empty GUESTADDR the guest's DHCP address"),
+        Key("outbound", bool, True,
+            "user only: let the guest open connections to the host and beyond (NAT); false "
+            "leaves it DHCP and the forward rules only (no DNS, no outbound traffic)"),
+        Key("host_loopback", bool, True,
+            "user only: 10.0.2.2 reaches the host's 127.0.0.1, so the guest can talk to every "
+            "service listening on the host's loopback; false cuts that off"),
         QUEUE_KEY,
     ),
 )
@@ -49,6 +55,10 @@ def _check_keys(config: DeviceConfig) -> None:
         if config["forward"]:
             raise DeviceError("forward is only for backend = \"user\" (a tap has no port "
                               "forwards: the guest is on the tap's network)")
+        for key in ("outbound", "host_loopback"):
+            if config[key] is not True:
+                raise DeviceError(f"{key} is only for backend = \"user\" (what a tap's guest "
+                                  "reaches is up to the host's network set-up)")
         if not config["ifname"]:
             raise DeviceError("backend = \"tap\" needs ifname = \"NAME\", the tap device to use")
 
@@ -67,7 +77,8 @@ def make_backend(config: DeviceConfig, ctx: DeviceContext):
                               f"supports ({MTU_MAX})")
         try:
             return UserBackend(spawn=ctx.spawn, log=ctx.log, mtu=config["mtu"],
-                               forwards=forwards, hostname=ctx.machine_name)
+                               forwards=forwards, hostname=ctx.machine_name,
+                               outbound=config["outbound"], host_loopback=config["host_loopback"])
         except SlirpError as e:
             raise DeviceError(str(e)) from None
     from .backends import TapBackend

@@ -92,7 +92,12 @@ class Slirp:
     slirp has for the guest (on whichever thread is inside slirp)."""
 
     def __init__(self, send: Callable[[bytes], None], *, mtu: int = 1500,
-                 hostname: str | None = None, log: logging.Logger | None = None):
+                 hostname: str | None = None, log: logging.Logger | None = None,
+                 outbound: bool = True, host_loopback: bool = True):
+        """``outbound=False``: the guest reaches nothing beyond slirp itself
+        (DHCP and the port forwards still work; DNS does not: it is outbound);
+        ``host_loopback=False``: 10.0.2.2 no longer stands for the host's
+        127.0.0.1, so the guest cannot reach services that listen only there."""
         ffi, lib = binding()
         if not MTU_MIN <= mtu <= MTU_MAX:
             raise SlirpError(f"mtu {mtu} is outside what libslirp supports ({MTU_MIN}-{MTU_MAX})")
@@ -113,7 +118,7 @@ class Slirp:
 
         cfg = ffi.new("SlirpConfig *")
         cfg.version = min(4, lib.SLIRP_CONFIG_VERSION_MAX)
-        cfg.restricted = 0
+        cfg.restricted = 0 if outbound else 1   # 1: drop every connection the guest opens
         cfg.in_enabled = True
         cfg.vnetwork.s_addr = _inet(NETWORK)
         cfg.vnetmask.s_addr = _inet(NETMASK)
@@ -123,7 +128,7 @@ class Slirp:
         cfg.vnameserver.s_addr = _inet(NAMESERVER)
         cfg.if_mtu = mtu
         cfg.if_mru = mtu
-        cfg.disable_host_loopback = False      # 10.0.2.2 reaches the host's 127.0.0.1
+        cfg.disable_host_loopback = not host_loopback   # else 10.0.2.2 reaches the host's 127.0.0.1
         cfg.enable_emu = False                 # slirp's protocol rewriting: unsafe, off
         if hostname:
             name = ffi.new("char[]", hostname.encode("utf-8")[:32])

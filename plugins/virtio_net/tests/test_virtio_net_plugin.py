@@ -30,7 +30,9 @@ def create(ctx, **values):
 
 def test_spec_keys():
     keys = {k.name: k for k in SPEC.keys}
-    assert list(keys) == ["backend", "mac", "mtu", "ifname", "create", "forward", "queue"]
+    assert list(keys) == ["backend", "mac", "mtu", "ifname", "create", "forward", "outbound",
+                          "host_loopback", "queue"]
+    assert (keys["outbound"].default, keys["host_loopback"].default) == (True, True)
     assert (keys["backend"].default, keys["backend"].choices) == ("user", ("user", "tap"))
     assert (keys["mtu"].type, keys["mtu"].default, keys["mtu"].min, keys["mtu"].max) == \
         (int, 1500, 68, 65535)

@@ -273,3 +273,69 @@ def test_frames_from_slirp_are_dropped_and_counted_when_the_queue_is_full(user_n
     for _ in range(PENDING_LIMIT + 3):
         backend._from_slirp(b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + bytes(28))
     assert dev.pending() == PENDING_LIMIT and dev.stats["rx_dropped"] == 3
+
+
+# -- restricting what the guest reaches (threat model: plugins/virtio_net/README.md) -------
+def _udp_to_host_loopback_arrives(s, timeout=1.0) -> bool:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as host:
+        host.bind(("127.0.0.1", port))
+        host.settimeout(timeout)
+        lease(s)
+        s.input(udp_frame(b"knock", dport=port))
+        try:
+            return host.recvfrom(2048)[0] == b"knock"
+        except TimeoutError:
+            return False
+
+
+@pytest.mark.parametrize("keys", [{"host_loopback": False}, {"outbound": False}])
+def test_the_guest_can_be_kept_off_the_hosts_loopback(keys):
+    got: list[bytes] = []
+    s = slirp_mod.Slirp(got.append, **keys)
+    s.frames = got
+    try:
+        assert not _udp_to_host_loopback_arrives(s)
+    finally:
+        s.close()
+
+
+def test_without_outbound_dhcp_and_forwards_still_work():
+    got: list[bytes] = []
+    s = slirp_mod.Slirp(got.append, outbound=False)
+    s.frames = got
+    try:
+        s.input(dhcp_frame(DHCP_DISCOVER))
+        assert [d for d in map(parse_dhcp, got) if d][0]["yiaddr"] == "10.0.2.15"
+        port = free_port(socket.SOCK_STREAM)
+        s.add_forward(parse_forward(f"tcp:127.0.0.1:{port}-:22"))
+        lease(s)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            deadline = time.monotonic() + 5
+            syn = None
+            while syn is None and time.monotonic() < deadline:
+                s.poll_once(100)
+                syn = next((ip for ip in map(parse_ipv4, got)
+                            if ip and ip["proto"] == 6 and ip.get("dport") == 22), None)
+        assert syn is not None and syn["dst"] == "10.0.2.15"
+    finally:
+        s.close()
+
+
+def test_the_keys_reach_slirp_and_are_user_only(monkeypatch):
+    from kvmkit.plugin_api import DeviceError
+    from kvmkit.testing import config
+    from kvmkit_virtio_net import plugin as net_plugin
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr("kvmkit_virtio_net.backends.UserBackend", Recorder)
+    with FakeContext() as ctx:
+        net_plugin.make_backend(config(net_plugin.SPEC, outbound=False, host_loopback=False), ctx)
+    assert (seen["outbound"], seen["host_loopback"]) == (False, False)
+    with pytest.raises(DeviceError, match="host_loopback is only for backend = \"user\""):
+        net_plugin._check_keys(config(net_plugin.SPEC, backend="tap", ifname="t0",
+                                      host_loopback=False))
