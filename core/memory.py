@@ -90,7 +90,7 @@ class GuestMemory:
         ends are written."""
         off = self._offset(gpa, length)
         end = off + length
-        if self._map is not None:
+        if isinstance(self._map, mmap.mmap):
             first = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
             last = end // mmap.PAGESIZE * mmap.PAGESIZE
             if last > first:
