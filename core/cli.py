@@ -158,8 +158,18 @@ def _run(config, ready=None) -> int:
     return stop.code
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with kvmkit's error format: one ``kvmkit: error:`` line and
+    status 2 (not a usage block); ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("kvmkit").strip()
+        self.exit(EXIT_USAGE, f"kvmkit: error: {command + ': ' if command else ''}{message} "
+                              f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvmkit", description="A KVM virtual machine monitor "
+    p = Parser(prog="kvmkit", description="A KVM virtual machine monitor "
                                 "whose devices are plugins.")
     p.add_argument("--version", action="version", version=f"kvmkit {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

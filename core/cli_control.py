@@ -1,11 +1,12 @@
 """`kvmkit list|status|pause|resume|stop|kill|console`: talk to running VMs."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from .console import attach
-from .control import ControlError, request, running_vms
+from .control import MAX_STOP_TIMEOUT, ControlError, check_stop_timeout, request, running_vms
 
 
 def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
@@ -18,6 +19,15 @@ def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
 def _describe(s: dict) -> str:
     return (f"{s['name']}: {s['state']}, {s['vcpus']} vCPU(s), {s['memory'] >> 20} MiB, "
             f"up {s['uptime']:.0f} s, {s['exits_total']} exits")
+
+
+def stop_timeout(text: str) -> float:
+    """``--timeout``: seconds, a finite number from 0 to a day."""
+    try:
+        return check_stop_timeout(float(text))
+    except ValueError:                      # not a number, or RequestError: out of range
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to {MAX_STOP_TIMEOUT:g}, "
+                                         f"got {text!r}") from None
 
 
 def cmd_list(args) -> int:
@@ -91,7 +101,7 @@ def add_commands(sub) -> None:
         p.set_defaults(func=func)
     p = sub.add_parser("stop", help="ask the guest to shut down (Ctrl-Alt-Del); force after a timeout")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds before forcing (30)")
+    p.add_argument("--timeout", type=stop_timeout, default=30.0, help="seconds before forcing (30)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("kill", help="stop a VM now")
