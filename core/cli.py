@@ -13,13 +13,14 @@ from pathlib import Path
 from . import __version__
 from .cli_control import add_commands as add_control_commands
 from .cli_inspect import add_commands as add_inspect_commands
-from .config import ConfigError, load_machine_file, machine_from_dict
+from .config import ConfigError, ConfigErrors, Problems, load_machine_file, machine_from_dict
 from .control import ControlError, ControlServer
 from .detach import run_detached
 from .hypervisor.kvm import KvmError, KvmUnavailable
 from .machine import Machine, MachineError
-from .plugins import PluginError, installed_kinds
+from .plugins import PluginError, installed_kinds, new_manager
 from .plugin_api import EXIT_ERROR, EXIT_USAGE
+from .preflight import check_machine
 from .vcpu import EXIT_NAMES
 
 log = logging.getLogger("kvmkit")
@@ -52,8 +53,9 @@ def _defaults() -> dict:
     return tomllib.loads(resources.files("kvmkit").joinpath("defaults.toml").read_text())
 
 
-def machine_config(args):
-    """The machine file (or the defaults) with the command-line flags applied."""
+def machine_config(args, problems=None):
+    """The machine file (or the defaults) with the command-line flags applied
+    (``problems``: see :func:`~kvmkit.config.machine_from_dict`)."""
     cwd = Path.cwd()
     if args.machine:
         source = Path(args.machine)
@@ -83,7 +85,8 @@ def machine_config(args):
             kernel[key] = str((cwd / value).absolute())
     if isinstance(data.get("device", []), list):
         data.setdefault("device", []).extend(parse_device_flag(d) for d in args.device)
-    return machine_from_dict(data, source=source, base_dir=base_dir, default_name=default_name)
+    return machine_from_dict(data, source=source, base_dir=base_dir, default_name=default_name,
+                             problems=problems)
 
 
 class _TerminalSafeHandler(logging.StreamHandler):
@@ -126,16 +129,19 @@ def _summary(machine: Machine, stop, elapsed: float) -> str:
 
 
 def cmd_run(args) -> int:
-    config = machine_config(args)
+    problems = Problems()
+    config = machine_config(args, problems)
+    pm = new_manager()
+    checked = check_machine(config, pm, problems)   # every problem, before a socket or a VM exists
     if args.detach:
-        return run_detached(config.name, lambda ready: _run(config, ready))
-    return _run(config)
+        return run_detached(config.name, lambda ready: _run(config, ready, pm, checked))
+    return _run(config, None, pm, checked)
 
 
-def _run(config, ready=None) -> int:
+def _run(config, ready=None, pm=None, checked=None) -> int:
     """Build and run the machine with its control socket; ``ready()`` is
     called once it is built (a detached parent waits for that)."""
-    machine = Machine(config)
+    machine = Machine(config, pm, checked)
     control = ControlServer(machine, config.name)
     stop = None
     try:
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PluginError, MachineError, ControlError) as e:
         if args.debug:
             log.exception("details")
-        print(f"kvmkit: error: {e}", file=sys.stderr)
+        for line in (e.messages if isinstance(e, ConfigErrors) else [str(e)]):
+            print(f"kvmkit: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except (KvmUnavailable, KvmError) as e:
         if args.debug:

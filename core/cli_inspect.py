@@ -8,6 +8,7 @@ import os
 import sys
 
 from .catalog import describe, format_key, load_installed, markdown_table
+from .config import Problems
 from .preflight import check_machine
 
 
@@ -29,8 +30,8 @@ def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
         "check", parents=[run_parser], conflict_handler="resolve",
         help="validate a machine file (and flags) without starting the VM",
         description="Validate a machine file exactly as `kvmkit run` would (plugins, device "
-        "keys, kernel and initrd files) without starting it.  Prints one `ok:` line and "
-        "exits 0, or one error line and exits 2.")
+        "keys, the host resources devices need, kernel and initrd files) without starting it.  "
+        "Prints one `ok:` line and exits 0, or one line per problem found and exits 2.")
     check.set_defaults(func=cmd_check)
 
 
@@ -79,6 +80,8 @@ def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
 
 def cmd_check(args) -> int:
     from .cli import machine_config         # cli imports this module to register the commands
-    checked = check_machine(machine_config(args))
+    problems = Problems()
+    config = machine_config(args, problems)
+    checked = check_machine(config, problems=problems)
     print(f"ok: {checked.summary()}")
     return 0

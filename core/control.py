@@ -78,9 +78,29 @@ def parse_request(line: bytes) -> dict:
     return req
 
 
-def runtime_dir() -> Path:
+SUN_PATH_MAX = 107                  # bytes of a UNIX socket's path (sun_path less its NUL)
+SOCKET_SUFFIXES = (".sock", ".console")
+
+
+def runtime_dir_path() -> Path:
+    """Where the sockets live (not created)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "kvmkit" if base else Path(f"/tmp/kvmkit-{os.getuid()}")
+    return Path(base) / "kvmkit" if base else Path(f"/tmp/kvmkit-{os.getuid()}")
+
+
+def check_socket_name(name: str) -> str | None:
+    """Why a VM called ``name`` cannot have its sockets here, or None."""
+    longest = runtime_dir_path() / f"{name}{max(SOCKET_SUFFIXES, key=len)}"
+    size = len(os.fsencode(longest))
+    if size > SUN_PATH_MAX:
+        return (f"{name!r} makes the socket path {longest} {size} bytes long, over the "
+                f"{SUN_PATH_MAX} a UNIX socket allows; give a name at most "
+                f"{len(name) - (size - SUN_PATH_MAX)} characters long (or a shorter XDG_RUNTIME_DIR)")
+    return None
+
+
+def runtime_dir() -> Path:
+    path = runtime_dir_path()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -120,6 +140,9 @@ def listen(path: Path, what: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         s.bind(str(path))
+    except OSError as e:
+        s.close()
+        raise ControlError(f"cannot listen on {path} ({what}): {e.strerror or e}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
