@@ -187,6 +187,9 @@ def main(argv, capsys) -> tuple[int, list[str]]:
         code = cli.main(argv)
     except SystemExit as e:                  # argparse
         code = e.code
+    except Exception as e:                   # what a process would print as a traceback
+        capsys.readouterr()
+        return 1, [f"Traceback (escaped main): {type(e).__name__}: {e}"]
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if line.strip()]
 
