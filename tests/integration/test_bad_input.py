@@ -69,4 +69,5 @@ def test_duplicate_port(guest_kit, tmp_path):
 @pytest.mark.kvm
 def test_memory_too_small_for_the_kernel(guest_kit, tmp_path):
     m = machine(tmp_path, f'[machine]\nmemory = "16M"\n[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n')
-    one_error_line(kvmkit("run", str(m)), "memory")
+    one_error_line(kvmkit("run", str(m)), "memory too small for the kernel", "needs",
+                   "machine has 16", "give the machine more memory", status=2)
