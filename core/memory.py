@@ -45,6 +45,7 @@ class GuestMemory:
             if len(backing) != size:
                 raise ValueError("backing has the wrong size")
             self._map = None
+            self._backing = backing
             self._buf = memoryview(backing)
         else:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -91,8 +92,12 @@ class GuestMemory:
         self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def host_buffer(self):
-        """The host mapping (for registering memory slots with KVM)."""
-        return self._map if self._map is not None else self._buf
+        """The host mapping (for registering memory slots with KVM, and for C
+        code that keeps a pointer into guest RAM).  The mapping or the backing
+        object itself, never a memoryview of it: the garbage collector may clear
+        a memoryview in a reference cycle while C still holds its export, which
+        frees the RAM under the pointer."""
+        return self._map if self._map is not None else self._backing
 
     def close(self) -> None:
         self._buf.release()
