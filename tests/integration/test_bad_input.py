@@ -63,7 +63,18 @@ def test_duplicate_port(guest_kit, tmp_path):
     m = machine(tmp_path, f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n'
                 '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "a.log"\n'
                 '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "b.log"\n')
-    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlaps serial8250.0", "0x3f8")
+    # found by kvmkit_check_device before the VM exists
+    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlap",
+                   "device[0] (serial8250)", "0x3f8", status=2)
+
+
+@pytest.mark.kvm
+def test_port_clash_between_two_kinds(guest_kit, tmp_path):
+    m = machine(tmp_path, f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n'
+                '[[device]]\nkind = "rtc"\n'
+                '[[device]]\nkind = "serial8250"\nport = 0x70\nirq = 4\nbackend = "file"\npath = "a.log"\n')
+    # each plugin checks only its own kinds: the bus finds this one when the devices are created
+    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlaps rtc.0", status=2)
 
 
 @pytest.mark.kvm

@@ -54,7 +54,11 @@ def key_problems(config: DeviceConfig) -> list[str]:
             parse_forwards(config["forward"])
         except ValueError as e:
             problems.append(str(e))
-        from .slirp import MTU_MAX
+        from .slirp import MTU_MAX, SlirpUnavailable, binding
+        try:
+            binding()                           # libslirp is there (loading it opens nothing)
+        except SlirpUnavailable as e:
+            problems.append(str(e))
         if config["mtu"] > MTU_MAX:
             problems.append(f"mtu {config['mtu']} is above what user-mode networking "
                             f"supports ({MTU_MAX})")
