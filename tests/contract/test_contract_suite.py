@@ -319,13 +319,30 @@ def test_a_virtio_kind_runs_on_every_queue_backend(throwaway_dist, tmp_path):
     assert scratch_plugin.SEEN == {("python", "SplitQueue")}
 
 
-def test_the_virtio_blk_contract_starts_the_native_engine(tmp_path, caplog):
+def test_the_virtio_blk_contract_starts_the_native_engine(tmp_path):
+    import logging
     from requirement import need_module
     need_module("kvmkit_native", "kvmkit-native")
     need_module("kvmkit_virtio_blk", "kvmkit-virtio-blk")
     [target] = [t for t in kinds_of("kvmkit-virtio-blk") if t.kind == "virtio-blk"]
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
-    caplog.set_level("INFO")
-    KindContract(target).check_device([{"path": "disk.img"}], tmp_path, virtio_rounds=3)
-    started = [r.getMessage() for r in caplog.records if "runs on the native engine" in r.getMessage()]
-    assert len(started) == 3, [r.getMessage() for r in caplog.records][-10:]
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    keep, logger = Keep(), logging.getLogger("kvmkit")   # whatever else configured it
+    old_level = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        KindContract(target).check_device([{"path": "disk.img"}], tmp_path, virtio_rounds=3)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(old_level)
+    started = [line for line in keep.lines if "runs on the native engine" in line]
+    assert len(started) == 3, keep.lines[-10:]
