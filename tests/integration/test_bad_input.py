@@ -1,17 +1,22 @@
 """Bad input: one clear line naming the file or key, a non-zero exit, no traceback."""
+import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from contract.fake_kernels import elf_kernel
 from guest import one_error_line
 
 KVMKIT = [sys.executable, "-m", "kvmkit"]
+# Sockets of our own: a VM named "m" of another test run must not clash with these.
+ENV = {**os.environ, "XDG_RUNTIME_DIR": tempfile.mkdtemp(prefix="kvmkit-bad-input-")}
 
 
 def kvmkit(*args, cwd=None):
     return subprocess.run(KVMKIT + list(args), capture_output=True, text=True, cwd=cwd,
-                          stdin=subprocess.DEVNULL, timeout=120)
+                          stdin=subprocess.DEVNULL, timeout=120, env=ENV)
 
 
 def machine(tmp_path, body, name="m.toml"):
@@ -26,7 +31,7 @@ def test_missing_kernel(tmp_path):
 
 
 def test_initrd_that_is_not_a_file(tmp_path):
-    (tmp_path / "k").write_bytes(b"\x7fELF")
+    elf_kernel(tmp_path / "k")                # the initrd is the one problem
     (tmp_path / "rd").mkdir()
     m = machine(tmp_path, '[kernel]\nimage = "k"\ninitrd = "rd"\n')
     one_error_line(kvmkit("run", str(m)), "[kernel] initrd", "rd")
@@ -38,12 +43,14 @@ def test_malformed_toml(tmp_path):
 
 
 def test_unknown_device_kind_lists_installed_kinds(tmp_path):
+    elf_kernel(tmp_path / "k")
     m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "floppy"\n')
     line = one_error_line(kvmkit("run", str(m)), "'floppy'", "installed kinds:")
     assert "rtc" in line and "serial8250" in line
 
 
 def test_bad_device_key(tmp_path):
+    elf_kernel(tmp_path / "k")
     m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "rtc"\nport = "seventy"\n')
     one_error_line(kvmkit("run", str(m)), str(m), "device[0] (rtc)", "port", "integer")
 
