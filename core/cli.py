@@ -70,15 +70,21 @@ def _summary(machine, stop, elapsed: float) -> str:
 
 
 def cmd_run(args) -> int:
+    from .config import Problems
     from .machine_flags import machine_config
-    config = machine_config(args)
+    from .plugins import new_manager
+    from .preflight import check_machine
+    problems = Problems()
+    config = machine_config(args, problems)
+    pm = new_manager()
+    checked = check_machine(config, pm, problems)   # every problem, before a socket or a VM exists
     if args.detach:
         from .detach import run_detached
-        return run_detached(config.name, lambda ready: _run(config, ready))
-    return _run(config)
+        return run_detached(config.name, lambda ready: _run(config, ready, pm, checked))
+    return _run(config, None, pm, checked)
 
 
-def _run(config, ready=None) -> int:
+def _run(config, ready=None, pm=None, checked=None) -> int:
     """Build and run the machine with its control socket; ``ready()`` is
     called once it is built (a detached parent waits for that)."""
     import signal
@@ -86,7 +92,7 @@ def _run(config, ready=None) -> int:
 
     from .control import ControlServer
     from .machine import Machine
-    machine = Machine(config)
+    machine = Machine(config, pm, checked)
     control = ControlServer(machine, config.name)
     stop = None
     try:
@@ -128,11 +134,18 @@ class _Formatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """ArgumentParser with _Formatter; its subcommands' parsers are _Parsers too."""
+    """ArgumentParser with _Formatter (its subcommands' parsers are _Parsers
+    too) and kvmkit's error format: one ``kvmkit: error:`` line and status 2,
+    not a usage block; ``--help`` shows the usage."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("kvmkit").strip()
+        self.exit(EXIT_USAGE, f"kvmkit: error: {command + ': ' if command else ''}{message} "
+                              f"(see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             import logging
             logging.getLogger("kvmkit").exception("details")
-        print(f"kvmkit: error: {e}", file=sys.stderr)
+        for line in getattr(e, "messages", None) or [str(e)]:     # ConfigErrors: one line each
+            print(f"kvmkit: error: {line}", file=sys.stderr)
         return status
     except KeyboardInterrupt:
         return 130

@@ -4,6 +4,7 @@ The control and console modules are imported by the commands that use them,
 so that registering these commands costs ``kvmkit run`` nothing."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -18,6 +19,16 @@ def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
 def _describe(s: dict) -> str:
     return (f"{s['name']}: {s['state']}, {s['vcpus']} vCPU(s), {s['memory'] >> 20} MiB, "
             f"up {s['uptime']:.0f} s, {s['exits_total']} exits")
+
+
+def stop_timeout(text: str) -> float:
+    """``--timeout``: seconds, a finite number from 0 to a day."""
+    from .control import MAX_STOP_TIMEOUT, check_stop_timeout
+    try:
+        return check_stop_timeout(float(text))
+    except ValueError:                      # not a number, or RequestError: out of range
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to {MAX_STOP_TIMEOUT:g}, "
+                                         f"got {text!r}") from None
 
 
 def cmd_list(args) -> int:
@@ -95,7 +106,7 @@ def add_commands(sub) -> None:
         p.set_defaults(func=func)
     p = sub.add_parser("stop", help="ask the guest to shut down (Ctrl-Alt-Del); force after a timeout")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds before forcing (30)")
+    p.add_argument("--timeout", type=stop_timeout, default=30.0, help="seconds before forcing (30)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("kill", help="stop a VM now")

@@ -25,8 +25,8 @@ def add_commands(sub, run_parser: argparse.ArgumentParser) -> None:
         "check", parents=[run_parser], conflict_handler="resolve",
         help="validate a machine file (and flags) without starting the VM",
         description="Validate a machine file exactly as `kvmkit run` would (plugins, device "
-        "keys, kernel and initrd files) without starting it.  Prints one `ok:` line and "
-        "exits 0, or one error line and exits 2.")
+        "keys, the host resources devices need, kernel and initrd files) without starting it.  "
+        "Prints one `ok:` line and exits 0, or one line per problem found and exits 2.")
     check.set_defaults(func=cmd_check)
 
 
@@ -77,8 +77,11 @@ def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
 
 
 def cmd_check(args) -> int:
+    from .config import Problems
     from .machine_flags import machine_config
     from .preflight import check_machine
-    checked = check_machine(machine_config(args))
+    problems = Problems()
+    config = machine_config(args, problems)
+    checked = check_machine(config, problems=problems)
     print(f"ok: {checked.summary()}")
     return 0

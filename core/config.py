@@ -7,6 +7,7 @@ their plugin declares; no plugin parses TOML itself.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,15 +17,46 @@ from .plugin_api import DeviceConfig, DeviceSpec, Key, Size
 MIN_MEMORY = 16 << 20
 MAX_VCPUS = 254                     # APIC ids 0..253, the IOAPIC takes the next id
 HOST_QUIRKS = ("auto", "on", "off")
+NAME_MAX = 64                       # the name is in socket paths (AF_UNIX: 107 bytes in all)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(Exception):
     """A machine file (or command line) asks for something invalid."""
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in a machine (``kvmkit check`` reports them all):
+    ``messages``, one line each."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+class Problems:
+    """Collects one-line problems instead of stopping at the first."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def add(self, e: Exception | str) -> None:
+        lines = e.messages if isinstance(e, ConfigErrors) else [str(e)]
+        self.messages.extend(lines)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+    def raise_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ConfigError(self.messages[0])
+        if self.messages:
+            raise ConfigErrors(self.messages)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    image: Path
+    image: Path | None                  # None only while problems are being collected
     initrd: Path | None = None
     cmdline: str = ""
 
@@ -59,10 +91,21 @@ def _err(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
-def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
+def _check_keys(table: Mapping, allowed: set[str], where: str, problems: Problems) -> None:
     for key in table:
         if key not in allowed:
-            raise _err(where, f"unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+            problems.add(_err(where, f"unknown key {key!r} (known: {', '.join(sorted(allowed))})"))
+
+
+def parse_name(value: Any, where: str) -> str:
+    """A machine name: it names the control and console sockets and the log."""
+    if not isinstance(value, str):
+        raise _err(where, f"expected a string, got {value!r}")
+    if not value or len(value) > NAME_MAX or not NAME_PATTERN.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise _err(where, f"{shown!r} is not a machine name: use 1-{NAME_MAX} letters, digits, "
+                   "'.', '_' or '-', starting with a letter or digit")
+    return value
 
 
 def parse_memory(value: Any, where: str) -> int:
@@ -97,49 +140,81 @@ def load_machine_file(path: Path) -> dict:
 
 
 def machine_from_dict(data: Mapping, *, source: Path | None, base_dir: Path,
-                      default_name: str = "kvmkit") -> MachineConfig:
-    """Validate a parsed machine file.  ``base_dir`` anchors relative paths."""
+                      default_name: str = "kvmkit", problems: Problems | None = None) -> MachineConfig:
+    """Validate a parsed machine file.  ``base_dir`` anchors relative paths.
+    Raises ConfigError for one problem, ConfigErrors (a subclass) for several;
+    with ``problems`` given, adds them there and returns what it could make of
+    the file (``kvmkit check`` goes on to find the rest)."""
+    collect = problems if problems is not None else Problems()
+    config = _machine_from_dict(data, source, base_dir, default_name, collect)
+    if problems is None:
+        collect.raise_any()
+    return config
+
+
+def _checked(problems: Problems, parse, value, where: str, fallback):
+    try:
+        return parse(value, where)
+    except ConfigError as e:
+        problems.add(e)
+        return fallback
+
+
+def _machine_from_dict(data: Mapping, source: Path | None, base_dir: Path, default_name: str,
+                       problems: Problems) -> MachineConfig:
     label = str(source) if source else "command line"
-    _check_keys(data, TOP_KEYS, label)
+    _check_keys(data, TOP_KEYS, label, problems)
 
     machine = data.get("machine", {})
     if not isinstance(machine, dict):
-        raise _err(label, "[machine] must be a table")
-    _check_keys(machine, MACHINE_KEYS, f"{label}: [machine]")
-    name = machine.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err(f"{label}: [machine] name", "expected a non-empty name without '/'")
-    memory = parse_memory(machine.get("memory", "256M"), f"{label}: [machine] memory")
-    vcpus = parse_vcpus(machine.get("vcpus", 1), f"{label}: [machine] vcpus")
+        problems.add(_err(label, "[machine] must be a table"))
+        machine = {}
+    _check_keys(machine, MACHINE_KEYS, f"{label}: [machine]", problems)
+    name = _checked(problems, parse_name, machine.get("name", default_name),
+                    f"{label}: [machine] name", "kvmkit")
+    memory = _checked(problems, parse_memory, machine.get("memory", "256M"),
+                      f"{label}: [machine] memory", 256 << 20)
+    vcpus = _checked(problems, parse_vcpus, machine.get("vcpus", 1), f"{label}: [machine] vcpus", 1)
     quirks = machine.get("host_quirks", "auto")
     if quirks not in HOST_QUIRKS:
-        raise _err(f"{label}: [machine] host_quirks", f"expected one of {', '.join(HOST_QUIRKS)}")
+        problems.add(_err(f"{label}: [machine] host_quirks", f"expected one of {', '.join(HOST_QUIRKS)}"))
+        quirks = "auto"
     acpi = machine.get("acpi", True)
     if not isinstance(acpi, bool):
-        raise _err(f"{label}: [machine] acpi", f"expected true or false, got {acpi!r}")
+        problems.add(_err(f"{label}: [machine] acpi", f"expected true or false, got {acpi!r}"))
+        acpi = True
 
     kernel = data.get("kernel")
     if not isinstance(kernel, dict) or "image" not in kernel:
-        raise _err(label, "[kernel] image is missing: name the guest kernel (bzImage or vmlinux)")
-    _check_keys(kernel, KERNEL_KEYS, f"{label}: [kernel]")
+        problems.add(_err(label, "[kernel] image is missing: name the guest kernel (bzImage or vmlinux)"))
+        kernel = kernel if isinstance(kernel, dict) else {}
+    _check_keys(kernel, KERNEL_KEYS, f"{label}: [kernel]", problems)
+    values = {}
     for key in ("image", "initrd", "cmdline"):
         if key in kernel and not isinstance(kernel[key], str):
-            raise _err(f"{label}: [kernel] {key}", "expected a string")
-    image = (base_dir / kernel["image"]).absolute()
-    initrd = (base_dir / kernel["initrd"]).absolute() if kernel.get("initrd") else None
-    kernel_cfg = KernelConfig(image, initrd, kernel.get("cmdline", ""))
+            problems.add(_err(f"{label}: [kernel] {key}", "expected a string"))
+        elif key in kernel and "\0" in kernel[key]:
+            problems.add(_err(f"{label}: [kernel] {key}", "contains a NUL character"))
+        elif key in kernel:
+            values[key] = kernel[key]
+    image = (base_dir / values["image"]).absolute() if values.get("image") else None
+    initrd = (base_dir / values["initrd"]).absolute() if values.get("initrd") else None
+    kernel_cfg = KernelConfig(image, initrd, values.get("cmdline", ""))
 
     tables = data.get("device", [])
     if not isinstance(tables, list):
-        raise _err(label, "devices are written as [[device]] tables")
+        problems.add(_err(label, "devices are written as [[device]] tables"))
+        tables = []
     devices = []
     for i, table in enumerate(tables):
         where = f"{label}: device[{i}]"
         if not isinstance(table, dict):
-            raise _err(where, "expected a table")
+            problems.add(_err(where, "expected a table"))
+            continue
         kind = table.get("kind")
         if not isinstance(kind, str) or not kind:
-            raise _err(where, "missing 'kind' (the device plugin's name, see `kvmkit plugins`)")
+            problems.add(_err(where, "missing 'kind' (the device plugin's name, see `kvmkit plugins`)"))
+            continue
         devices.append(DeviceTable(kind, {k: v for k, v in table.items() if k != "kind"},
                                    f"{where} ({kind})", base_dir))
     return MachineConfig(name, memory, vcpus, kernel_cfg, tuple(devices), quirks, source, acpi)
@@ -174,6 +249,8 @@ def _coerce(key: Key, value: Any, where: str, base_dir: Path) -> Any:
     elif t is Path:
         if not isinstance(value, str) or not value:
             raise _err(where, f"expected a path string, got {value!r}")
+        if "\0" in value:
+            raise _err(where, f"{value!r} contains a NUL character")
         value = (base_dir / value).absolute()
     elif t is Size:
         try:
@@ -196,18 +273,25 @@ def _coerce(key: Key, value: Any, where: str, base_dir: Path) -> Any:
 
 
 def validate_device(table: DeviceTable, spec: DeviceSpec) -> DeviceConfig:
-    """Check a device table against its kind's schema; fill in defaults."""
+    """Check a device table against its kind's schema; fill in defaults.
+    Every bad key of the table is reported (ConfigErrors when several)."""
+    problems = Problems()
     known = {k.name for k in spec.keys}
     for name in table.values:
         if name not in known:
             hint = f"known keys: {', '.join(sorted(known))}" if known else "it takes no keys"
-            raise _err(table.where, f"unknown key {name!r} ({hint})")
+            problems.add(_err(table.where, f"unknown key {name!r} ({hint})"))
     values = {}
     for key in spec.keys:
         if key.name in table.values:
-            values[key.name] = _coerce(key, table.values[key.name], table.where, table.base_dir)
+            try:
+                values[key.name] = _coerce(key, table.values[key.name], table.where, table.base_dir)
+            except ConfigError as e:
+                problems.add(e)
         elif key.required:
-            raise _err(table.where, f"missing required key {key.name!r} ({key.type_name}: {key.doc})")
+            problems.add(_err(table.where, f"missing required key {key.name!r} "
+                              f"({key.type_name}: {key.doc})"))
         else:
             values[key.name] = key.default
+    problems.raise_any()
     return DeviceConfig(spec.kind, values, table.where)

@@ -58,6 +58,7 @@ KEY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 FUZZ_ACCESSES = 2000            # register accesses per registered range
 FUZZ_SECONDS = 2.0              # ... or this long, whichever ends first
 VIRTIO_ROUNDS = 12              # garbage ring layouts per virtio device
+ENGINE_SETTLE_S = 0.05          # per queue and round: how long a backend's engine is served
 CONFIG_ACCESSES = 200           # virtio configuration-space accesses
 THREAD_GRACE_S = 2.0            # how long close() may take to end the device's threads
 MEMORY_SIZE = 4 << 20           # guest memory of the contract's FakeContext
@@ -321,6 +322,9 @@ class KindContract:
                     "cannot create the device from its defaults: return example tables from the "
                     "pytest hook pytest_kvmkit_contract_configs(kind, tmp_path) in conftest.py")
             tables = [{}]
+        if spec.key("queue") is not None:      # a virtio kind: every installed queue backend
+            tables = [t if "queue" in t else {**t, "queue": q}
+                      for t in tables for q in installed_queue_backends()]
         for n, raw in enumerate(tables):
             label = f"{self.kind} with {raw}" if raw else f"{self.kind} with its defaults"
             table = DeviceTable(self.kind, raw, f"contract table {n} ({self.kind})", base_dir)
@@ -330,6 +334,18 @@ class KindContract:
                 raise ContractFailure(f"example table {n} does not validate: {e}") from None
             _DeviceRun(self, pm, config, label, allowed_errors, random.Random(seed + n),
                        accesses, virtio_rounds, thread_grace).run()
+
+
+def installed_queue_backends() -> list[str]:
+    """"python", and "native" when kvmkit-native is installed and loads."""
+    from .virtio.backends import BackendError, resolve
+    names = ["python"]
+    try:
+        resolve("native", "contract")
+        names.append("native")
+    except BackendError:
+        pass
+    return names
 
 
 def _has_type(value: Any, t: type) -> bool:
@@ -417,8 +433,8 @@ class _DeviceRun:
                 bar = config.bar(index)
                 self._fuzz_range(ctx, MMIO if bar.is_memory else PIO, bar.address, bar.size, handler,
                                  f"BAR{index} ")
-        for model in list(ctx.virtio):
-            self._fuzz_virtio(ctx, model)
+        for model, backend in zip(list(ctx.virtio), list(ctx.queue_backends)):
+            self._fuzz_virtio(ctx, model, backend)
 
     # -- registers ---------------------------------------------------------------------------
     def _fuzz_range(self, ctx, space: str, base: int, size: int, handler, what_range: str = "") -> None:
@@ -450,7 +466,7 @@ class _DeviceRun:
                 break
 
     # -- virtio -------------------------------------------------------------------------------
-    def _fuzz_virtio(self, ctx, model) -> None:
+    def _fuzz_virtio(self, ctx, model, backend) -> None:
         if not isinstance(model, VirtioDevice):
             raise self.fail(f"ctx.add_virtio got {model!r}, not a kvmkit.plugin_api.VirtioDevice")
         sizes = list(model.queue_sizes)
@@ -478,12 +494,27 @@ class _DeviceRun:
             event_idx, indirect = rng.random() < 0.5, rng.random() < 0.5
             features |= (1 << VIRTIO_F_RING_EVENT_IDX if event_idx else 0)
             features |= (1 << VIRTIO_F_RING_INDIRECT_DESC if indirect else 0)
-            queues = _garbage_queues(memory, rng, sizes, event_idx, indirect)
+            queues = _garbage_queues(memory, rng, sizes, event_idx, indirect, backend.split_queue)
             self._virtio_call(ctx, "activate()", model.activate, queues, features)
+            engines = getattr(getattr(model, "host", None), "engines", {})
             for index in range(len(sizes)):
+                if index in engines:             # the backend's engine serves it on its thread
+                    self._drive_engine(ctx, model.host, engines[index], index, round_)
+                    continue
                 self._virtio_call(ctx, f"process({index}) on garbage rings (round {round_})",
                                   model.process, index, queue_error_ok=True)
             self._virtio_call(ctx, "reset()", model.reset)
+
+    def _drive_engine(self, ctx, host, engine, index: int, round_: int) -> None:
+        """Kick a queue a backend's engine runs, and serve what it hands back
+        to Python until it goes quiet (a short while: the rings are garbage)."""
+        import select
+        host.kick()
+        deadline = time.monotonic() + ENGINE_SETTLE_S
+        while time.monotonic() < deadline:
+            if select.select([engine.event_fd], [], [], 0.01)[0]:
+                self._virtio_call(ctx, f"the {index} engine's service() on garbage rings "
+                                  f"(round {round_})", engine.service, queue_error_ok=True)
 
     def _virtio_call(self, ctx, what: str, method, *args, queue_error_ok: bool = False):
         try:
@@ -532,12 +563,11 @@ _NEXT, _WRITE, _INDIRECT = 1, 2, 4
 
 
 def _garbage_queues(memory, rng: random.Random, sizes: list[int], event_idx: bool,
-                    indirect: bool) -> list:
-    """SplitQueues of the given sizes holding chains a careless or hostile
-    driver could write: mostly well-formed chains over buffers of random
-    bytes, with a few fields (address, length, flags, next, avail.idx, heads)
-    replaced by hostile values."""
-    from .virtio.queue import SplitQueue
+                    indirect: bool, split_queue) -> list:
+    """Queues of the given sizes (made by a backend's ``split_queue``) holding
+    chains a careless or hostile driver could write: mostly well-formed chains
+    over buffers of random bytes, with a few fields (address, length, flags,
+    next, avail.idx, heads) replaced by hostile values."""
     layouts, at = [], 0x1000
     for size in sizes:
         desc = at
@@ -585,6 +615,6 @@ def _garbage_queues(memory, rng: random.Random, sizes: list[int], event_idx: boo
         ring = struct.pack(f"<HH{size}HH", 0, ring_idx & 0xFFFF, *slots, rng.getrandbits(16))
         memory.write(avail, ring)
         memory.write(used, bytes(used_ring_size(size)))
-        queues.append(SplitQueue(memory, size, desc, avail, used, event_idx=event_idx,
-                                 indirect=indirect))
+        queues.append(split_queue(memory, size, desc, avail, used, event_idx=event_idx,
+                                  indirect=indirect))
     return queues

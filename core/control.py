@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -29,15 +30,77 @@ from .plugin_api import EXIT_FORCED
 log = logging.getLogger("kvmkit.control")
 
 DEFAULT_STOP_TIMEOUT = 30.0
+MAX_STOP_TIMEOUT = 86400.0          # a day; longer waits are a typo (and overflow timers)
+MAX_REQUEST = 64 * 1024             # bytes in one request line
+COMMAND_KEYS = {"status": (), "pause": (), "resume": (), "kill": (), "wait": (),
+                "stop": ("timeout",)}
 
 
 class ControlError(Exception):
     """The control socket cannot be used (the message says why)."""
 
 
-def runtime_dir() -> Path:
+class RequestError(ValueError):
+    """A malformed request (answered with ``{"ok": false, "error": ...}``)."""
+
+
+def check_stop_timeout(value) -> float:
+    """The seconds a graceful stop waits: a finite number from 0 to a day."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"timeout must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 <= seconds <= MAX_STOP_TIMEOUT:          # also NaN
+        raise RequestError(f"timeout must be from 0 to {MAX_STOP_TIMEOUT:g} seconds, got {value!r}")
+    return seconds
+
+
+def parse_request(line: bytes) -> dict:
+    """One request line -> a dict with a known "cmd" and only its keys."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):
+        raise RequestError('not a JSON request: send one JSON object per line, e.g. {"cmd": "status"}') from None
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        raise RequestError('a request is a JSON object with a string "cmd", e.g. {"cmd": "status"}')
+    cmd = req["cmd"]
+    if cmd not in COMMAND_KEYS:
+        raise RequestError(f"unknown command {cmd[:40]!r} ({', '.join(COMMAND_KEYS)})")
+    extra = sorted(k for k in req if k != "cmd" and k not in COMMAND_KEYS[cmd])
+    if extra:
+        raise RequestError(f"{cmd}: unknown key {extra[0][:40]!r}"
+                           + (f" (it takes {', '.join(COMMAND_KEYS[cmd])})" if COMMAND_KEYS[cmd]
+                              else " (it takes none)"))
+    if "timeout" in req:
+        req["timeout"] = check_stop_timeout(req["timeout"])
+    return req
+
+
+SUN_PATH_MAX = 107                  # bytes of a UNIX socket's path (sun_path less its NUL)
+SOCKET_SUFFIXES = (".sock", ".console")
+
+
+def runtime_dir_path() -> Path:
+    """Where the sockets live (not created)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "kvmkit" if base else Path(f"/tmp/kvmkit-{os.getuid()}")
+    return Path(base) / "kvmkit" if base else Path(f"/tmp/kvmkit-{os.getuid()}")
+
+
+def check_socket_name(name: str) -> str | None:
+    """Why a VM called ``name`` cannot have its sockets here, or None."""
+    longest = runtime_dir_path() / f"{name}{max(SOCKET_SUFFIXES, key=len)}"
+    size = len(os.fsencode(longest))
+    if size > SUN_PATH_MAX:
+        return (f"{name!r} makes the socket path {longest} {size} bytes long, over the "
+                f"{SUN_PATH_MAX} a UNIX socket allows; give a name at most "
+                f"{len(name) - (size - SUN_PATH_MAX)} characters long (or a shorter XDG_RUNTIME_DIR)")
+    return None
+
+
+def runtime_dir() -> Path:
+    path = runtime_dir_path()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -77,6 +140,9 @@ def listen(path: Path, what: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         s.bind(str(path))
+    except OSError as e:
+        s.close()
+        raise ControlError(f"cannot listen on {path} ({what}): {e.strerror or e}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -142,27 +208,59 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            for line in f:
+        """Answer each request line; a malformed one gets an error answer and the
+        connection serves on.  Nothing a client sends ends this thread but EOF."""
+        # A reader of its own: BufferedRWPair.readline ignores its limit.
+        with conn, conn.makefile("rb") as reader:
+            while True:
                 try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                        raise ValueError('a request is a JSON object with "cmd"')
-                    answer = {"ok": True, "result": self.handle(req)}
-                except (ValueError, ControlError) as e:
-                    answer = {"ok": False, "error": str(e)}
-                try:
-                    f.write(json.dumps(answer).encode() + b"\n")
-                    f.flush()
+                    line = reader.readline(MAX_REQUEST + 1)
                 except OSError:
                     return
-                finally:
-                    if isinstance(req, dict) and req.get("cmd") == "wait":
-                        with self._waiters_lock:
-                            self._waiters -= 1
-                            self._waiters_lock.notify_all()
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST and not line.endswith(b"\n"):
+                    self._reply(conn, {"ok": False, "error": f"request too long (over {MAX_REQUEST} bytes)"})
+                    return                      # the rest of the line cannot be told from a request
+                if not line.strip():
+                    continue
+                answer, waiting = self._answer(line)
+                sent = self._reply(conn, answer)
+                if waiting:                     # close() waits for this answer to go out
+                    with self._waiters_lock:
+                        self._waiters -= 1
+                        self._waiters_lock.notify_all()
+                if not sent:
+                    return
+
+    @staticmethod
+    def _reply(conn: socket.socket, answer: dict) -> bool:
+        try:
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+
+    def _answer(self, line: bytes) -> tuple[dict, bool]:
+        """The answer to one line, and whether it was a counted "wait"."""
+        try:
+            req = parse_request(line)
+        except RequestError as e:
+            return {"ok": False, "error": str(e)}, False
+        waiting = req["cmd"] == "wait"
+        if waiting:
+            with self._waiters_lock:
+                self._waiters += 1
+        try:
+            return {"ok": True, "result": self.handle(req)}, waiting
+        except (RequestError, ControlError) as e:
+            return {"ok": False, "error": str(e)}, waiting
+        except Exception as e:                  # a machine call failed: answer, log, serve on
+            log.exception("control request %r failed", req["cmd"])
+            return {"ok": False, "error": f"{req['cmd']} failed: {type(e).__name__}: {e}"}, waiting
 
     def handle(self, req: dict):
+        """Carry out a request checked by :func:`parse_request`."""
         m = self.machine
         cmd = req["cmd"]
         if cmd == "status":
@@ -181,14 +279,11 @@ class ControlServer:
             m.request_stop("killed through the control socket", EXIT_FORCED)
             return {"stopping": True}
         if cmd == "stop":
-            timeout = float(req.get("timeout", DEFAULT_STOP_TIMEOUT))
-            return self._graceful_stop(timeout)
+            return self._graceful_stop(check_stop_timeout(req.get("timeout", DEFAULT_STOP_TIMEOUT)))
         if cmd == "wait":
-            with self._waiters_lock:
-                self._waiters += 1
             self._stopped.wait()
             return self.final
-        raise ValueError(f"unknown command {cmd!r} (status, pause, resume, stop, kill, wait)")
+        raise RequestError(f"unknown command {cmd!r} ({', '.join(COMMAND_KEYS)})")
 
     def _graceful_stop(self, timeout: float) -> dict:
         m = self.machine

@@ -45,6 +45,26 @@ def kvmkit_create_device(kind, config, ctx):
 
 
 @hookspec
+def kvmkit_check_device(kind, config, devices, machine):
+    """Check a device of ``kind`` before anything is created: what its
+    validated ``config`` (:class:`~kvmkit.plugin_api.DeviceConfig`) asks of
+    the host and of the other devices.  Return a list of problems (strings,
+    one line each, saying what to fix; the core puts ``config.where`` in
+    front), an empty list or ``None`` when there are none; ignore kinds this
+    plugin does not provide.
+
+    ``devices`` is every valid device of the machine in machine-file order
+    (``config`` among them, compare with ``is``), so a plugin can find two of
+    its devices that clash (report it on the later one only); ``machine`` is
+    the machine configuration (``name``, ``memory``, ``vcpus``).  Look, do not
+    take: open nothing you keep, lock nothing, create nothing.  ``kvmkit
+    check`` and ``kvmkit run`` call it for every device and report every
+    problem; a problem stops ``run`` before ``kvmkit_create_device``, which
+    must still refuse what it cannot honour (the host may change in between).
+    """
+
+
+@hookspec
 def kvmkit_kernel_cmdline(machine):
     """Return extra kernel command-line words (a string) that the devices of
     this plugin need, or ``None``.  ``machine`` is the validated machine

@@ -47,9 +47,12 @@ class PauseError(Exception):
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, pm=None):
+    def __init__(self, config: MachineConfig, pm=None, checked=None):
+        """``checked``: what ``check_machine(config, pm)`` returned, if the
+        caller ran it already (with ``pm``)."""
         self.config = config
         self.pm = pm or new_manager()
+        self._checked = checked
         self.stopping = threading.Event()
         self.stop: Stop | None = None
         self._stop_lock = threading.Lock()
@@ -208,11 +211,15 @@ class Machine:
     # -- building ----------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.config
-        checked = check_machine(cfg, self.pm)                     # what `kvmkit check` checks
+        checked = self._checked or check_machine(cfg, self.pm)    # what `kvmkit check` checks
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
-        self.memory = GuestMemory(cfg.memory)
+        try:
+            self.memory = GuestMemory(cfg.memory)
+        except OSError as e:
+            raise MachineError(f"cannot allocate {cfg.memory >> 20} MiB of guest memory: "
+                               f"{e.strerror or e}; give less ([machine] memory, --memory)") from None
         self.vm.map_memory(self.memory)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(TSS_ADDR)

@@ -37,8 +37,9 @@ def _defaults() -> dict:
     return tomllib.loads(Path(__file__).with_name("defaults.toml").read_text())
 
 
-def machine_config(args):
-    """The machine file (or the defaults) with the command-line flags applied."""
+def machine_config(args, problems=None):
+    """The machine file (or the defaults) with the command-line flags applied
+    (``problems``: see :func:`~kvmkit.config.machine_from_dict`)."""
     cwd = Path.cwd()
     if args.machine:
         source = Path(args.machine)
@@ -68,4 +69,5 @@ def machine_config(args):
             kernel[key] = str((cwd / value).absolute())
     if isinstance(data.get("device", []), list):
         data.setdefault("device", []).extend(parse_device_flag(d) for d in args.device)
-    return machine_from_dict(data, source=source, base_dir=base_dir, default_name=default_name)
+    return machine_from_dict(data, source=source, base_dir=base_dir, default_name=default_name,
+                             problems=problems)

@@ -180,6 +180,12 @@ class DeviceConfig(Mapping[str, Any]):
         """Where the table came from, for error messages ("machine.toml: device[2]")."""
         return self._where
 
+    @property
+    def table(self) -> str:
+        """The table without the file ("device[2] (rtc)"), to name another device
+        of the same machine in a message."""
+        return self._where.rsplit(": ", 1)[-1]
+
     def __getitem__(self, name: str) -> Any:
         return self._values[name]
 
@@ -277,12 +283,15 @@ class DeviceContext(Protocol):
 
 
 class DevicePlugin:
-    """A plugin providing one device kind: its spec and a factory
-    ``factory(config, ctx) -> device``."""
+    """A plugin providing one device kind: its spec, a factory
+    ``factory(config, ctx) -> device`` and, optionally, a check
+    ``check(config, devices) -> list of problems`` (``kvmkit_check_device``)."""
 
-    def __init__(self, spec: DeviceSpec, factory: Callable[[DeviceConfig, "DeviceContext"], Any]):
+    def __init__(self, spec: DeviceSpec, factory: Callable[[DeviceConfig, "DeviceContext"], Any],
+                 check: Callable[[DeviceConfig, tuple], Any] | None = None):
         self.spec = spec
         self.factory = factory
+        self.check = check
 
     @hookimpl
     def kvmkit_device_spec(self):
@@ -293,6 +302,12 @@ class DevicePlugin:
         if kind != self.spec.kind:
             return None
         return self.factory(config, ctx)
+
+    @hookimpl
+    def kvmkit_check_device(self, kind, config, devices):
+        if kind != self.spec.kind or self.check is None:
+            return None
+        return list(self.check(config, devices) or ())
 
     def __repr__(self) -> str:
         return f"DevicePlugin({self.spec.kind!r})"

@@ -92,3 +92,22 @@ def load_kinds(pm: pluggy.PluginManager, kinds: list[str]) -> dict[str, LoadedKi
     except pluggy.PluginValidationError as e:
         raise PluginError(f"a device plugin implements a hook kvmkit does not have: {e}") from None
     return loaded
+
+
+def check_devices(pm: pluggy.PluginManager, devices, machine) -> list[str]:
+    """Every problem the plugins' ``kvmkit_check_device`` find, one line each,
+    prefixed with the device's place in the machine file."""
+    problems: list[str] = []
+    for config in devices:
+        try:
+            results = pm.hook.kvmkit_check_device(kind=config.kind, config=config,
+                                                  devices=tuple(devices), machine=machine)
+        except Exception as e:                  # a plugin bug: name the device, keep going
+            problems.append(f"{config.where}: the {config.kind!r} plugin's check failed: "
+                            f"{type(e).__name__}: {e}")
+            continue
+        for result in results:
+            for message in ([result] if isinstance(result, str) else result or ()):
+                for line in str(message).splitlines() or [""]:
+                    problems.append(f"{config.where}: {line}")
+    return problems

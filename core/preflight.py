@@ -4,8 +4,12 @@ The same steps ``kvmkit run`` takes before it opens ``/dev/kvm``: load the
 plugins the machine names, validate every ``[[device]]`` table against its
 kind's schema, and look at the kernel and initrd files (present, readable,
 a kernel is an x86-64 ELF vmlinux or a bzImage whose header kvmkit can boot).
-Devices are not created (that opens disks, sockets and log files), so a
-clash between two devices' ports is found only by ``kvmkit run``.
+Devices are not created (that opens disks, sockets and log files); instead
+each plugin checks its devices' keys and the host resources they need in
+``kvmkit_check_device`` (a missing disk image, two consoles on one terminal,
+two devices on one port of the same kind).  A clash between the ports of two
+different kinds is found only by ``kvmkit run``.  Every problem found is
+reported, one line each.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from pathlib import Path
 from .boot import bzimage, elf
 from .boot.errors import BootError
 from .boot.image import map_file
-from .config import ConfigError, MachineConfig, validate_device
+from .config import ConfigError, MachineConfig, Problems, validate_device
+from .control import check_socket_name
 from .plugin_api import DeviceConfig
 from .virtio.backends import BackendError, resolve as resolve_queue_backend
-from .plugins import LoadedKind, load_kinds, new_manager
+from .plugins import LoadedKind, PluginError, check_devices, installed_kinds, load_kinds, new_manager
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,51 +51,115 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_machine(config: MachineConfig, pm=None) -> CheckedMachine:
-    """Raise :class:`ConfigError` or :class:`~kvmkit.plugins.PluginError`
-    (one line, naming the file and key) at the first problem.  ``pm``: the
-    plugin manager to register the plugins with (``kvmkit run`` passes its own)."""
-    loaded = load_kinds(pm or new_manager(), [d.kind for d in config.devices])
-    devices = tuple(validate_device(t, loaded[t.kind].spec) for t in config.devices)
+def check_machine(config: MachineConfig, pm=None, problems: Problems | None = None) -> CheckedMachine:
+    """Raise :class:`ConfigError` (:class:`~kvmkit.config.ConfigErrors` for
+    several), each problem one line naming the file and key, after looking at
+    everything.  ``pm``: the plugin manager to register the plugins with
+    (``kvmkit run`` passes its own); ``problems``: those found before (the
+    machine file's own, see ``machine_from_dict``), reported with these."""
+    problems = problems if problems is not None else Problems()
+    pm = pm or new_manager()
     where = str(config.source or "command line")
-    kernel = config.kernel
-    _check_readable(where, "image", kernel.image)
-    if kernel.initrd is not None:
-        _check_readable(where, "initrd", kernel.initrd)
-        if kernel.initrd.stat().st_size == 0:
-            raise ConfigError(f"{where}: [kernel] initrd: {kernel.initrd} is empty")
+    _check_host_fit(config, where, problems)
+
+    available = installed_kinds()
+    for t in config.devices:
+        if t.kind not in available:
+            have = ", ".join(sorted(available)) or "none"
+            problems.add(f"{t.where}: unknown device kind {t.kind!r}: no plugin installed provides "
+                         f"it (installed kinds: {have}); pip install the plugin that does")
     try:
-        data = map_file(kernel.image)            # the segment checks need the whole file
-    except OSError as e:
-        raise ConfigError(f"{where}: [kernel] image: cannot read {kernel.image}: {e.strerror}") from None
-    fmt = kernel_format(where, kernel.image, data)
-    return CheckedMachine(config, fmt, data, devices, loaded, _queue_backends(config, devices))
+        loaded = load_kinds(pm, [t.kind for t in config.devices if t.kind in available])
+    except PluginError as e:
+        problems.add(e)
+        loaded = {}
+    devices: list[DeviceConfig | None] = []
+    for t in config.devices:
+        device = None
+        if t.kind in loaded:
+            try:
+                device = validate_device(t, loaded[t.kind].spec)
+            except ConfigError as e:
+                problems.add(e)
+        devices.append(device)
+    queues = _queue_backends(config, devices, problems)
+    valid = tuple(d for d in devices if d is not None)
+    for message in check_devices(pm, valid, config):     # the plugins' own checks
+        problems.add(message)
+
+    kernel = config.kernel
+    data, fmt = b"", ""
+    if kernel.image is not None and _check_readable(where, "image", kernel.image, problems):
+        try:
+            data = map_file(kernel.image)        # the segment checks need the whole file
+            fmt = kernel_format(where, kernel.image, data)
+        except OSError as e:
+            problems.add(f"{where}: [kernel] image: cannot read {kernel.image}: {e.strerror}")
+        except ConfigError as e:
+            problems.add(e)
+    if kernel.initrd is not None and _check_readable(where, "initrd", kernel.initrd, problems):
+        if kernel.initrd.stat().st_size == 0:
+            problems.add(f"{where}: [kernel] initrd: {kernel.initrd} is empty")
+    problems.raise_any()
+    return CheckedMachine(config, fmt, data, valid, loaded, queues)
 
 
-def _queue_backends(config: MachineConfig, devices) -> tuple[str | None, ...]:
-    """Resolve each virtio device's ``queue`` key (a missing backend is an error)."""
+def host_memory() -> int | None:
+    """What one anonymous mapping may take on this host: RAM plus swap, or
+    None when the kernel overcommits without limit (vm.overcommit_memory = 1)."""
+    try:
+        if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+            return None
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return sum(int(info[k].split()[0]) << 10 for k in ("MemTotal", "SwapTotal") if k in info)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_host_fit(config: MachineConfig, where: str, problems: Problems) -> None:
+    """The machine's memory and name against what this host can give."""
+    limit = host_memory()
+    if limit is not None and config.memory > limit:
+        problems.add(f"{where}: [machine] memory: {format_size(config.memory)} is more than this "
+                     f"host's memory and swap ({limit >> 20} MiB); give less")
+    message = check_socket_name(config.name)
+    if message:
+        problems.add(f"{where}: [machine] name: {message}")
+
+
+def _queue_backends(config: MachineConfig, devices, problems: Problems) -> tuple[str | None, ...]:
+    """Resolve each valid virtio device's ``queue`` key (a missing backend is
+    an error); one entry per valid device, in order."""
     names = []
     for table, device in zip(config.devices, devices):
+        if device is None:
+            continue
         if "queue" not in device:
             names.append(None)
             continue
         try:
             names.append(resolve_queue_backend(device["queue"], f"{table.where}: queue").name)
         except BackendError as e:
-            raise ConfigError(str(e)) from None
+            problems.add(e)
+            names.append(None)
     return tuple(names)
 
 
-def _check_readable(where: str, key: str, path: Path) -> None:
+def _check_readable(where: str, key: str, path: Path, problems: Problems) -> bool:
+    message = None
     if not path.exists():
-        raise ConfigError(f"{where}: [kernel] {key}: {path} not found")
-    if not path.is_file():
-        raise ConfigError(f"{where}: [kernel] {key}: {path} is not a file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ConfigError(f"{where}: [kernel] {key}: cannot read {path}: {e.strerror}") from None
+        message = f"{path} not found"
+    elif not path.is_file():
+        message = f"{path} is not a file"
+    else:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            message = f"cannot read {path}: {e.strerror}"
+    if message:
+        problems.add(f"{where}: [kernel] {key}: {message}")
+    return message is None
 
 
 def kernel_format(where: str, path: Path, data: bytes) -> str:

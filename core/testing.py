@@ -78,7 +78,10 @@ class FakeContext:
     ``io`` maps ``"pio"``/``"mmio"`` to the ``(base, size, handler)`` ranges the
     device registered; ``irqs`` maps GSIs to :class:`FakeIrqLine`;
     ``stop_requests`` lists the ``(reason, exit_code)`` of ``request_stop``
-    calls; ``virtio`` lists the models handed to ``add_virtio``.  With
+    calls; ``virtio`` lists the models handed to ``add_virtio`` and
+    ``queue_backends`` their queue backends (each model gets its backend as
+    ``queue_backend`` and an :class:`EngineHost` as ``host``, as the VMM's
+    runtime gives them, so a native engine starts when the model asks).  With
     ``buses`` (``{"pio": Bus, "mmio": Bus}``, real :class:`kvmkit.bus.Bus`
     objects) every range also goes on its bus, so tests can reach the device
     exactly as a vCPU does; ``memory`` replaces the 1 MiB of zeroed RAM.  ``close()``
@@ -100,6 +103,8 @@ class FakeContext:
         self.irqs: dict[int, FakeIrqLine] = {}
         self.stop_requests: list[tuple[str, int]] = []
         self.virtio: list[Any] = []
+        self.queue_backends: list[Any] = []                # per model in ``virtio``
+        self.hosts: list[Any] = []                         # EngineHost per model
         self.pci: list[tuple[Any, dict]] = []              # (ConfigSpace, {bar: handler})
         self.shutdown_handlers: list[Callable[[], None]] = []
         self.threads: list[threading.Thread] = []
@@ -127,10 +132,14 @@ class FakeContext:
         virtio-pci function); ``queue`` must name an installed backend."""
         from .virtio.backends import BackendError, resolve
         try:
-            resolve(queue, self.name)
+            backend = resolve(queue, self.name)
         except BackendError as e:
             raise DeviceError(str(e)) from None
+        host = EngineHost()
+        device.queue_backend, device.host = backend, host
         self.virtio.append(device)
+        self.queue_backends.append(backend)
+        self.hosts.append(host)
 
     def add_pci(self, config, bars) -> int:
         """Record a plain PCI function; returns its (made-up) device number."""
@@ -181,6 +190,10 @@ class FakeContext:
 
     def close(self) -> None:
         self._stopping.set()
+        for host in self.hosts:
+            if not host.engines:                   # an engine still running keeps its fds
+                host.close()
+        self.hosts = [h for h in self.hosts if h.engines]
         for t in self.threads:
             t.join(self._join_timeout)
         alive = [t.name for t in self.threads if t.is_alive()]

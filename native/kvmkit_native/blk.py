@@ -25,8 +25,8 @@ class BlkEngine(QueueEngine):
     _start_fn = lib.kvblk_start
     _stats_fn = lib.kvblk_get_stats
     _stats_type = "struct kvblk_stats *"
-    _stat_names = ("requests", "deferred", "io_errors", "interrupts", "syncs", "busy_ns",
-                   "polled", "poll_ns")
+    _stat_names = ("requests", "deferred", "io_errors", "interrupts", "syncs", "sync_errors",
+                   "busy_ns", "polled", "poll_ns")
 
     def __init__(self, queue: NativeSplitQueue, *, image_fd: int, capacity: int, readonly: bool,
                  writethrough: bool, direct_align: int, kick_fd: int, irq_fd: int,

@@ -116,12 +116,15 @@ static int transfer(struct kvblk *b, int count, uint64_t offset, int write)
     return 0;
 }
 
+/* fdatasync, counted after it returned: a sync the process died in is not one. */
 static int sync_image(struct kvblk *b)
 {
-    b->stats.syncs++;
     while (fdatasync(b->cfg.image_fd) < 0)
-        if (errno != EINTR)
+        if (errno != EINTR) {
+            b->stats.sync_errors++;
             return -1;
+        }
+    b->stats.syncs++;
     return 0;
 }
 

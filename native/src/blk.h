@@ -29,10 +29,11 @@ struct kvblk_stats {
     uint64_t deferred;          /* handed to Python */
     uint64_t io_errors;         /* completed with VIRTIO_BLK_S_IOERR after a host error */
     uint64_t interrupts;        /* irqfd writes */
-    uint64_t syncs;             /* fdatasync calls */
+    uint64_t syncs;             /* fdatasync calls that succeeded (counted once they returned) */
     uint64_t busy_ns;           /* time the thread spent serving the queue (not waiting) */
     uint64_t polled;            /* batches found by polling, without a kick */
     uint64_t poll_ns;           /* time the thread spent polling */
+    uint64_t sync_errors;       /* fdatasync calls that failed (the FLUSH got IOERR) */
 };
 
 /* Start the engine on ``q`` (already set up; the engine owns it until kveng_stop).

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from distributions import write_distribution
+from fake_kernels import elf_kernel
 from kvmkit.cli import main
 
 BROKEN = {"broken_plugin": "import module_that_is_not_installed_anywhere\n"}
@@ -25,7 +26,7 @@ def broken(throwaway_dist):
 
 
 def machine(tmp_path, kind):
-    (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
+    elf_kernel(tmp_path / "vmlinux")         # a kernel check accepts: the plugin is the one problem
     m = tmp_path / "m.toml"                   # a name of its own: no VM of that name runs
     m.write_text(f'[machine]\nname = "broken-plugin-{tmp_path.name}"\n[kernel]\nimage = "vmlinux"\n'
                  f'[[device]]\nkind = "rtc"\n[[device]]\nkind = "{kind}"\n')

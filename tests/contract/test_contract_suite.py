@@ -294,3 +294,55 @@ def test_contract_hooks_feed_tables_and_documented_errors(tmp_path):
     r = pytest_run(project, "--kvmkit-contract", "-m", "kvmkit_contract", "-k", "device",
                    env_path=str(site))
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout + r.stderr
+
+
+# -- queue backends: the contract runs a virtio kind on each installed one -------------------------
+RECORDING = VIRTIO.replace("BODY", "pass").replace("""    def process(self, index):""", """    def activate(self, queues, features):
+        super().activate(queues, features)
+        SEEN.add((self.queue_backend.name, type(queues[0]).__name__))
+    def process(self, index):""").replace(
+    "SPEC = DeviceSpec(\"scratch\", \"a virtio scratch device\", ())",
+    "SPEC = DeviceSpec(\"scratch\", \"a virtio scratch device\", (QUEUE_KEY,))\nSEEN = set()").replace(
+    "ctx.add_virtio(model)", "ctx.add_virtio(model, queue=config['queue'])").replace(
+    "from kvmkit.plugin_api import VirtqueueError", "from kvmkit.plugin_api import VirtqueueError, QUEUE_KEY")
+
+
+def test_a_virtio_kind_runs_on_every_queue_backend(throwaway_dist, tmp_path):
+    from requirement import need_module
+    need_module("kvmkit_native", "kvmkit-native")
+    c = contract(throwaway_dist, RECORDING)
+    c.check_device(None, tmp_path)
+    import scratch_plugin
+    assert scratch_plugin.SEEN == {("python", "SplitQueue"), ("native", "NativeSplitQueue")}
+    scratch_plugin.SEEN.clear()
+    c.check_device([{"queue": "python"}], tmp_path)          # a table that names one keeps it
+    assert scratch_plugin.SEEN == {("python", "SplitQueue")}
+
+
+def test_the_virtio_blk_contract_starts_the_native_engine(tmp_path):
+    import logging
+    from requirement import need_module
+    need_module("kvmkit_native", "kvmkit-native")
+    need_module("kvmkit_virtio_blk", "kvmkit-virtio-blk")
+    [target] = [t for t in kinds_of("kvmkit-virtio-blk") if t.kind == "virtio-blk"]
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    keep, logger = Keep(), logging.getLogger("kvmkit")   # whatever else configured it
+    old_level = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        KindContract(target).check_device([{"path": "disk.img"}], tmp_path, virtio_rounds=3)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(old_level)
+    started = [line for line in keep.lines if "runs on the native engine" in line]
+    assert len(started) == 3, keep.lines[-10:]

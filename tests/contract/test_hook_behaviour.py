@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmkit.config import machine_from_dict
+from kvmkit.config import ConfigError, ConfigErrors, machine_from_dict
 from kvmkit.machine import Machine
 from kvmkit.plugins import load_kinds, new_manager
+from kvmkit.preflight import check_machine
 
 TWO_KINDS = """
 from kvmkit.plugin_api import hookimpl, DeviceSpec, Key
@@ -68,6 +69,31 @@ def kvmkit_vm_stopped(vm, reason, exit_code):
 """
 
 
+CHECKED = """
+from kvmkit.plugin_api import hookimpl, DeviceSpec, Key
+CREATED = []
+
+@hookimpl
+def kvmkit_device_spec():
+    return DeviceSpec("lonely", "one per machine", (Key("n", int, 1, "a number"),))
+
+@hookimpl
+def kvmkit_check_device(kind, config, devices, machine):
+    if kind != "lonely":
+        return None
+    problems = [f"n = {config['n']} is odd"] if config["n"] % 2 else []
+    earlier = [d for d in devices[:devices.index(config)] if d.kind == kind]
+    if earlier:
+        problems.append(f"{machine.name} already has {earlier[0].table}")
+    return problems
+
+@hookimpl
+def kvmkit_create_device(kind, config, ctx):
+    CREATED.append(kind)
+    return object() if kind == "lonely" else None
+"""
+
+
 def machine_with(tmp_path, kinds, cmdline="console=ttyS0"):
     data = {"machine": {"name": "hooks"}, "kernel": {"image": "vmlinux", "cmdline": cmdline},
             "device": [{"kind": k} for k in kinds]}
@@ -126,3 +152,25 @@ def test_kvmkit_vm_started_and_kvmkit_vm_stopped_bracket_the_run(extras):
     stop = machine.run()                                       # no vCPUs: the hooks alone
     assert (stop.reason, stop.code) == ("stopped by the extras plugin", 7)
     assert calls == [("started", "hooks"), ("stopped", "stopped by the extras plugin", 7)]
+
+
+def test_kvmkit_check_device_problems_are_all_reported(throwaway_dist, tmp_path):
+    from fake_kernels import elf_kernel
+    elf_kernel(tmp_path / "vmlinux")
+    throwaway_dist("kvmkit-lonely", {"lonely_plugin": CHECKED}, {"lonely": "lonely_plugin"})
+    data = {"machine": {"name": "hooks"}, "kernel": {"image": "vmlinux"},
+            "device": [{"kind": "lonely", "n": 2}, {"kind": "lonely", "n": 3}]}
+    pm = new_manager()
+    with pytest.raises(ConfigErrors) as e:
+        check_machine(machine_from_dict(data, source=None, base_dir=tmp_path), pm)
+    # kvmkit_check_device: each problem one line, behind the table it belongs to
+    assert e.value.messages == ["command line: device[1] (lonely): n = 3 is odd",
+                                "command line: device[1] (lonely): hooks already has device[0] (lonely)"]
+    data["device"] = [{"kind": "lonely", "n": 2}]
+    checked = check_machine(machine_from_dict(data, source=None, base_dir=tmp_path), pm)
+    assert [d["n"] for d in checked.devices] == [2]
+    import lonely_plugin
+    assert lonely_plugin.CREATED == []                # checking creates nothing
+    data["device"] = [{"kind": "lonely", "n": 5}]
+    with pytest.raises(ConfigError, match=r"device\[0\] \(lonely\): n = 5 is odd$"):
+        check_machine(machine_from_dict(data, source=None, base_dir=tmp_path), new_manager())

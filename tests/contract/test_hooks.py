@@ -17,6 +17,8 @@ DOCS = ROOT / "docs" / "hooks.md"
 HOOK_TESTS = {
     "kvmkit_device_spec": [
         "tests/contract/test_hook_behaviour.py::test_kvmkit_device_spec_may_name_several_kinds"],
+    "kvmkit_check_device": [
+        "tests/contract/test_hook_behaviour.py::test_kvmkit_check_device_problems_are_all_reported"],
     "kvmkit_create_device": [
         "tests/contract/test_hook_behaviour.py::test_kvmkit_create_device_first_result_wins"],
     "kvmkit_kernel_cmdline": [

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit.contract import CHECKS
+from requirement import need
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = "kvmkit.devices"
@@ -71,8 +72,8 @@ def contract_run(tmp_path_factory):
 @pytest.mark.parametrize("folder", sorted(PROJECTS))
 def test_plugin_passes_the_contract(contract_run, folder):
     distribution, kinds = PROJECTS[folder]
-    if folder not in INSTALLED:
-        pytest.skip(f"{distribution} is not installed (scripts/setup installs every plugin folder)")
+    need(folder in INSTALLED,
+         f"{distribution} is not installed (scripts/setup installs every plugin folder)")
     r, results = contract_run
     for kind in kinds:
         for check in CHECKS:

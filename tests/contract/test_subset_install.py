@@ -60,7 +60,8 @@ def test_core_alone(wheels, tmp_path):
     assert r.returncode == 0 and r.stdout.endswith("devices: none\n"), r.stderr
     r = kvmkit(exe, "check", str(machine(tmp_path, "rtc")))
     assert r.returncode == 2
-    assert r.stderr == ("kvmkit: error: unknown device kind 'rtc': no plugin installed provides it "
+    assert r.stderr == (f"kvmkit: error: {tmp_path / 'rtc.toml'}: device[0] (rtc): "
+                        "unknown device kind 'rtc': no plugin installed provides it "
                         "(installed kinds: none); pip install the plugin that does\n")
 
 

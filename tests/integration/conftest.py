@@ -7,15 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from guest import kit  # noqa: E402
 
-REQUIRE = os.environ.get("KVMKIT_REQUIRE_KVM") == "1"
-
-
-def _need(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if REQUIRE:
-        pytest.fail(f"{why} (KVMKIT_REQUIRE_KVM=1 makes this a failure)")
-    pytest.skip(why)
+from requirement import need as _need  # noqa: E402
 
 
 @pytest.fixture(scope="session")

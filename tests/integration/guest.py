@@ -57,18 +57,19 @@ class Boot:
 
 
 def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
-               when: str | None = None, then=None, triggers=(), stdin=subprocess.DEVNULL) -> Boot:
-    """Run kvmkit until it exits.  If ``when`` (a regex) matches a console line,
-    ``then(proc)`` is called once, on its own thread, while reading goes on;
-    ``triggers`` are more such (regex, function) pairs.  ``stdin`` may be
-    ``subprocess.PIPE``: the functions then type to the console through
-    ``proc.stdin``."""
+               when: str | None = None, then=None, triggers=(), stdin=subprocess.DEVNULL,
+               env: dict | None = None) -> Boot:
+    """Run kvmkit until it exits (terminated after ``timeout`` s).  If ``when``
+    (a regex) matches a console line, ``then(proc)`` is called once, on its own
+    thread, while reading goes on; ``triggers`` are more such (regex, function)
+    pairs.  ``stdin`` may be ``subprocess.PIPE``: the functions then type to the
+    console through ``proc.stdin``.  ``env``: kvmkit's environment."""
     t0 = time.monotonic()
     pending = [(re.compile(rx), fn) for rx, fn in triggers]
     if when:
         pending.append((re.compile(when), then))
     proc = subprocess.Popen(KVMKIT + args, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=cwd)
+                            stderr=subprocess.PIPE, cwd=cwd, env=env)
     lines: list[tuple[float, str]] = []
     err: list[bytes] = []
 

@@ -1,17 +1,22 @@
 """Bad input: one clear line naming the file or key, a non-zero exit, no traceback."""
+import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from contract.fake_kernels import elf_kernel
 from guest import one_error_line
 
 KVMKIT = [sys.executable, "-m", "kvmkit"]
+# Sockets of our own: a VM named "m" of another test run must not clash with these.
+ENV = {**os.environ, "XDG_RUNTIME_DIR": tempfile.mkdtemp(prefix="kvmkit-bad-input-")}
 
 
 def kvmkit(*args, cwd=None):
     return subprocess.run(KVMKIT + list(args), capture_output=True, text=True, cwd=cwd,
-                          stdin=subprocess.DEVNULL, timeout=120)
+                          stdin=subprocess.DEVNULL, timeout=120, env=ENV)
 
 
 def machine(tmp_path, body, name="m.toml"):
@@ -26,7 +31,7 @@ def test_missing_kernel(tmp_path):
 
 
 def test_initrd_that_is_not_a_file(tmp_path):
-    (tmp_path / "k").write_bytes(b"\x7fELF")
+    elf_kernel(tmp_path / "k")                # the initrd is the one problem
     (tmp_path / "rd").mkdir()
     m = machine(tmp_path, '[kernel]\nimage = "k"\ninitrd = "rd"\n')
     one_error_line(kvmkit("run", str(m)), "[kernel] initrd", "rd")
@@ -38,12 +43,14 @@ def test_malformed_toml(tmp_path):
 
 
 def test_unknown_device_kind_lists_installed_kinds(tmp_path):
+    elf_kernel(tmp_path / "k")
     m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "floppy"\n')
     line = one_error_line(kvmkit("run", str(m)), "'floppy'", "installed kinds:")
     assert "rtc" in line and "serial8250" in line
 
 
 def test_bad_device_key(tmp_path):
+    elf_kernel(tmp_path / "k")
     m = machine(tmp_path, '[kernel]\nimage = "k"\n[[device]]\nkind = "rtc"\nport = "seventy"\n')
     one_error_line(kvmkit("run", str(m)), str(m), "device[0] (rtc)", "port", "integer")
 
@@ -63,10 +70,22 @@ def test_duplicate_port(guest_kit, tmp_path):
     m = machine(tmp_path, f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n'
                 '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "a.log"\n'
                 '[[device]]\nkind = "serial8250"\nbackend = "file"\npath = "b.log"\n')
-    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlaps serial8250.0", "0x3f8")
+    # found by kvmkit_check_device before the VM exists
+    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlap",
+                   "device[0] (serial8250)", "0x3f8", status=2)
+
+
+@pytest.mark.kvm
+def test_port_clash_between_two_kinds(guest_kit, tmp_path):
+    m = machine(tmp_path, f'[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n'
+                '[[device]]\nkind = "rtc"\n'
+                '[[device]]\nkind = "serial8250"\nport = 0x70\nirq = 4\nbackend = "file"\npath = "a.log"\n')
+    # each plugin checks only its own kinds: the bus finds this one when the devices are created
+    one_error_line(kvmkit("run", str(m)), "device[1] (serial8250)", "overlaps rtc.0", status=2)
 
 
 @pytest.mark.kvm
 def test_memory_too_small_for_the_kernel(guest_kit, tmp_path):
     m = machine(tmp_path, f'[machine]\nmemory = "16M"\n[kernel]\nimage = "{guest_kit["SMALL_VMLINUX"]}"\n')
-    one_error_line(kvmkit("run", str(m)), "memory")
+    one_error_line(kvmkit("run", str(m)), "memory too small for the kernel", "needs",
+                   "machine has 16", "give the machine more memory", status=2)

@@ -159,10 +159,18 @@ def test_detached_vm_console_name_clash_and_kill(guest_kit, env):
         path = os.path.join(env["XDG_RUNTIME_DIR"], "kvmkit", "bg.console")
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
-        s.settimeout(60)
-        seen = b""
+        seen, deadline = b"", time.monotonic() + 600        # boots crawl on a loaded nested host
         while b"Linux version" not in seen:
-            seen += s.recv(4096)
+            left = deadline - time.monotonic()
+            assert left > 0, f"no 'Linux version' on the console in 600 s: {seen[-500:]!r}"
+            s.settimeout(left)
+            try:
+                chunk = s.recv(4096)
+            except TimeoutError:
+                chunk = None
+            assert chunk is not None, f"no 'Linux version' on the console in 600 s: {seen[-500:]!r}"
+            assert chunk, f"the console closed before 'Linux version': {seen[-500:]!r}"
+            seen += chunk
         s.close()
     finally:
         kill = kvmkit(env, "kill", "bg", timeout=60)

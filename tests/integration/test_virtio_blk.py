@@ -23,6 +23,7 @@ import hashlib
 import os
 
 from guest import initrd_with_hooks, machine_file, run_kvmkit
+from requirement import need_module
 
 pytestmark = pytest.mark.kvm
 
@@ -97,7 +98,7 @@ BACKENDS = ("native", "python")
 
 def queue_param(request) -> str:
     if request.param == "native":
-        pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
+        need_module("kvmkit_native", "kvmkit-native")
     return request.param
 
 

@@ -27,6 +27,7 @@ import pytest
 
 import guest
 from guest import initrd_with_hooks, run_kvmkit
+from requirement import need_module
 
 pytestmark = pytest.mark.kvm
 
@@ -231,7 +232,7 @@ def tap_boot(guest_kit, netns, tmp_path_factory, request):
     from kvmkit_virtio_net.netns import ping
     queue, extra = request.param
     if queue == "native":
-        pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
+        need_module("kvmkit_native", "kvmkit-native")
     d = tmp_path_factory.mktemp("net-tap")
     ns = netns
     ns.ip("tuntap", "add", "dev", "kvtap0", "mode", "tap")

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from guest import one_error_line as guest_one_error_line
+from requirement import need
 
 KVMKIT = [sys.executable, "-m", "kvmkit"]
 
@@ -81,10 +82,8 @@ def test_tap_without_ifname(machine):
 
 
 def _setpriv():
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("the test drops CAP_NET_ADMIN from root; run as root")
+    need(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+    need(os.geteuid() == 0, "the test drops CAP_NET_ADMIN from root; run as root")
     return ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"]
 
 
@@ -99,8 +98,7 @@ def test_another_users_tap_without_cap_net_admin(machine):
     prefix = _setpriv()
     from kvmkit_virtio_net.netns import NetNamespace, available
     why = available()
-    if why:
-        pytest.skip(why)
+    need(not why, f"network namespaces are needed: {why}")
     with NetNamespace() as ns:
         ns.ip("tuntap", "add", "dev", "kvtap9", "mode", "tap", "user", "65534")
         m = machine('backend = "tap"\nifname = "kvtap9"')

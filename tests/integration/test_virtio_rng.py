@@ -15,6 +15,7 @@ import time
 import pytest
 
 from guest import machine_file, run_kvmkit
+from requirement import need_module
 
 pytestmark = pytest.mark.kvm
 
@@ -24,7 +25,7 @@ SETTLE = 1.0                # seconds between "crng init done" and SIGTERM
 @pytest.fixture(scope="module")
 def boot(guest_kit, tmp_path_factory):
     for module in ("kvmkit_example_virtio_rng", "kvmkit_rtc_fixed"):
-        pytest.importorskip(module)
+        need_module(module)
     d = tmp_path_factory.mktemp("rng")
     m = machine_file(d / "rng.toml", name="virtio-rng-example", image=guest_kit["SMALL_VMLINUX"],
                      initrd=guest_kit["SPIN_CPIO"], cmdline="console=ttyS0 panic=-1",

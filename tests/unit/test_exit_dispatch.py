@@ -7,6 +7,7 @@ import pytest
 
 from kvmkit.bus import Bus, DeviceFault
 from kvmkit.hypervisor._kvm import ffi, lib
+from kvmkit.memory import GuestMemory
 from kvmkit.vcpu import EXIT_ERROR, EXIT_OK, handle_exit, handle_io
 
 
@@ -168,13 +169,24 @@ def test_fwait_assist_skips_the_instruction():
 
 
 def test_emulation_failure_without_quirks_stops_and_names_the_bytes():
+    """quirks=False: nothing is assisted, though guest memory is there for the
+    assists that need it (ldmxcsr reads its operand from it)."""
     pio, mmio, _, _ = buses()
-    v = quirk_vcpu(b"\x0f\xae\x10")
-    stop = handle_exit(v, pio, mmio, quirks=True)
-    assert stop.code == EXIT_ERROR and "0f ae 10" in stop.reason
-    v = quirk_vcpu(b"\xcc")
-    assert handle_exit(v, pio, mmio, quirks=False).code == EXIT_ERROR
-    assert v.regs.rip == 0x1000
+    memory = GuestMemory(1 << 20, backing=bytearray(1 << 20))
+    for insn in (b"\xcc", b"\x9b", b"\x0f\xae\x10"):
+        v = quirk_vcpu(insn)
+        stop = handle_exit(v, pio, mmio, quirks=False, memory=memory)
+        assert stop.code == EXIT_ERROR and insn.hex(" ") in stop.reason
+        assert v.regs.rip == 0x1000 and v.injected == []
+
+
+def test_emulation_failure_no_assist_knows_stops_with_quirks():
+    pio, mmio, _, _ = buses()
+    memory = GuestMemory(1 << 20, backing=bytearray(1 << 20))
+    v = quirk_vcpu(b"\x48\x0f\xc7\x0e")                 # lock-less cmpxchg16b: no assist
+    stop = handle_exit(v, pio, mmio, quirks=True, memory=memory)
+    assert stop.code == EXIT_ERROR and "48 0f c7 0e" in stop.reason
+    assert v.regs.rip == 0x1000 and v.injected == []
 
 
 def test_unknown_exit_stops_with_an_error():

@@ -14,6 +14,7 @@ from kvmkit.virtio.driver_model import DriverError, DriverQueue, GuestAllocator
 from kvmkit.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                  Chain, SplitQueue, VirtqueueError, avail_ring_size,
                                  desc_table_size, used_ring_size)
+from requirement import need
 
 MEM = 1 << 20
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
@@ -23,7 +24,7 @@ def _native_queue_class():
     try:
         from kvmkit_native.queue import NativeSplitQueue
     except ImportError as e:
-        pytest.skip(f"kvmkit_native is not importable ({e}); install it with "
+        need(False, f"kvmkit_native is not importable ({e}); install it with "
                     f"'.venv/bin/pip install -e native/'")
     return NativeSplitQueue
 

@@ -28,6 +28,21 @@ SPEC = DeviceSpec(
 )
 
 
+CLOCK_KINDS = ("rtc", "rtc-fixed")     # the same MC146818 on different clocks
+
+
+def check(config: DeviceConfig, devices) -> list[str]:
+    """``kvmkit_check_device``: a clock on the ports of an earlier one."""
+    port = config["port"]
+    for other in devices:
+        if other is config:
+            break
+        if other.kind in CLOCK_KINDS and abs(other["port"] - port) < 2:
+            return [f"ports {port:#x}-{port + 1:#x} overlap those of {other.table}; a machine "
+                    "has one CMOS clock (or give this one another port =)"]
+    return []
+
+
 class RtcDevice:
     """The clock on its two ports, with a thread that delivers its interrupts."""
 
@@ -72,4 +87,4 @@ class RtcDevice:
             t.join(2.0)
 
 
-plugin = DevicePlugin(SPEC, RtcDevice)
+plugin = DevicePlugin(SPEC, RtcDevice, check)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kvmkit.plugin_api import (DeviceConfig, DeviceContext, DeviceError, DevicePlugin,
                                DeviceSpec, Key)
-from kvmkit_rtc.plugin import SPEC as RTC_SPEC, RtcDevice
+from kvmkit_rtc.plugin import SPEC as RTC_SPEC, RtcDevice, check as check_ports
 
 from .clock import FixedStartClock, parse_start
 
@@ -28,6 +28,16 @@ SPEC = DeviceSpec(
             "(e.g. \"2000-01-01T00:00:00Z\"); the clock then runs with the VM"),
     ),
 )
+
+
+def check(config: DeviceConfig, devices) -> list[str]:
+    """``kvmkit_check_device``: the start time, and the ports (as for ``rtc``)."""
+    problems = check_ports(config, devices)
+    try:
+        parse_start(config["start"])
+    except ValueError as e:
+        problems.append(f"start: {e}")
+    return problems
 
 
 class FixedRtcDevice(RtcDevice):
@@ -51,4 +61,4 @@ class FixedRtcDevice(RtcDevice):
         super().start()
 
 
-plugin = DevicePlugin(SPEC, FixedRtcDevice)
+plugin = DevicePlugin(SPEC, FixedRtcDevice, check)

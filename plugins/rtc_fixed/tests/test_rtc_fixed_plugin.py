@@ -101,10 +101,14 @@ def test_guest_can_set_its_clock_and_it_keeps_running():
 
 
 def test_timer_thread_starts_and_stops():
+    mono = FakeMonotonic()
     ctx = FakeContext(join_timeout=1.0)
-    dev = create(ctx)
+    dev = FixedRtcDevice(config(SPEC), ctx, clock=FixedStartClock(Y2K, mono))
+    mono.now += 7
+    assert dev.clock.elapsed == 0 and not ctx.threads      # stands still until start()
     dev.start()
-    assert dev.clock.elapsed >= 0 and ctx.threads
+    mono.now += 3
+    assert dev.clock.elapsed == 3 and [t.is_alive() for t in ctx.threads] == [True]
     ctx.close()
     dev.close()
     assert not any(t.is_alive() for t in ctx.threads)

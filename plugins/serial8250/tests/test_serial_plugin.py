@@ -150,9 +150,10 @@ def connect(path: Path) -> socket.socket:
     return c
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
+def recv_exactly(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
+    """Up to ``n`` bytes: fewer at EOF or when ``timeout`` seconds have passed."""
+    data, deadline = b"", time.monotonic() + timeout
+    while len(data) < n and time.monotonic() < deadline:
         chunk = sock.recv(n - len(data))
         if not chunk:
             break

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -65,6 +66,39 @@ def check_serial(serial: str, where: str) -> str:
     return serial
 
 
+def _same_image(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return Path(a) == Path(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check(config: DeviceConfig, devices) -> list[str]:
+    """``kvmkit_check_device``: the serial, the image (opened read-only and
+    closed again: it exists, is usable, and no VM holds it for writing) and an
+    image that an earlier disk of this machine also uses."""
+    problems = []
+    path = Path(config["path"])
+    if config["serial"] is not None:
+        try:
+            check_serial(config["serial"], "")
+        except DeviceError as e:
+            problems.append(str(e).removeprefix(": "))
+    try:
+        FileBackend(path, readonly=True, direct=config["cache"] == "none").close()
+    except DeviceError as e:
+        problems.append(f"path: {e}")
+    for other in devices:
+        if other is config:
+            break
+        if other.kind == KIND and _same_image(other["path"], path) and not (
+                other["readonly"] and config["readonly"]):
+            problems.append(f"path: {path} is also the image of {other.table}; two disks can share "
+                            "an image only when both are readonly = true")
+    return problems
+
+
 def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioBlk:
     """Open and lock the image, build the model and hand it to the virtio transport."""
     where = config.where or ctx.name
@@ -85,4 +119,4 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioBlk:
     return model
 
 
-plugin = DevicePlugin(SPEC, factory)
+plugin = DevicePlugin(SPEC, factory, check)

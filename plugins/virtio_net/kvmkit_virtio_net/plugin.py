@@ -44,23 +44,80 @@ SPEC = DeviceSpec(
 )
 
 
-def _check_keys(config: DeviceConfig) -> None:
+IFNAMSIZ = 16                   # a Linux interface name and its NUL
+
+
+def key_problems(config: DeviceConfig) -> list[str]:
+    """What is wrong with the keys, together (one line each)."""
+    problems = []
     backend = config["backend"]
     if backend == "user":
         for key in ("ifname", "create"):
             if config[key] not in (None, False):
-                raise DeviceError(f"{key} is only for backend = \"tap\"; remove it or set "
-                                  "backend = \"tap\"")
+                problems.append(f"{key} is only for backend = \"tap\"; remove it or set "
+                                "backend = \"tap\"")
+        try:
+            parse_forwards(config["forward"])
+        except ValueError as e:
+            problems.append(str(e))
+        from .slirp import MTU_MAX, SlirpUnavailable, binding
+        try:
+            binding()                           # libslirp is there (loading it opens nothing)
+        except SlirpUnavailable as e:
+            problems.append(str(e))
+        if config["mtu"] > MTU_MAX:
+            problems.append(f"mtu {config['mtu']} is above what user-mode networking "
+                            f"supports ({MTU_MAX})")
     else:
         if config["forward"]:
-            raise DeviceError("forward is only for backend = \"user\" (a tap has no port "
-                              "forwards: the guest is on the tap's network)")
+            problems.append("forward is only for backend = \"user\" (a tap has no port "
+                            "forwards: the guest is on the tap's network)")
         for key in ("outbound", "host_loopback"):
             if config[key] is not True:
-                raise DeviceError(f"{key} is only for backend = \"user\" (what a tap's guest "
-                                  "reaches is up to the host's network set-up)")
-        if not config["ifname"]:
-            raise DeviceError("backend = \"tap\" needs ifname = \"NAME\", the tap device to use")
+                problems.append(f"{key} is only for backend = \"user\" (what a tap's guest "
+                                "reaches is up to the host's network set-up)")
+        ifname = config["ifname"]
+        if not ifname:
+            problems.append("backend = \"tap\" needs ifname = \"NAME\", the tap device to use")
+        elif (len(ifname.encode()) >= IFNAMSIZ or "/" in ifname or ifname in (".", "..")
+              or any(c.isspace() or c in ":\0" for c in ifname)):
+            problems.append(f"ifname {ifname!r} is not an interface name (at most {IFNAMSIZ - 1} "
+                            "bytes, no '/', ':', spaces)")
+    if config["mac"] is not None:
+        try:
+            parse_mac(config["mac"])
+        except ValueError as e:
+            problems.append(f"mac: {e}")
+    return problems
+
+
+def check(config: DeviceConfig, devices) -> list[str]:
+    """``kvmkit_check_device``: the keys, and a tap or a MAC that an earlier
+    NIC of this machine also has."""
+    problems = key_problems(config)
+    for other in devices:
+        if other is config:
+            break
+        if other.kind != KIND:
+            continue
+        if (config["backend"] == "tap" and other["backend"] == "tap" and config["ifname"]
+                and other["ifname"] == config["ifname"]):
+            problems.append(f"ifname {config['ifname']!r} is also {other.table}'s tap; give each "
+                            "NIC its own tap")
+        if config["mac"] is not None and other["mac"] is not None:
+            try:
+                if parse_mac(other["mac"]) == parse_mac(config["mac"]):
+                    problems.append(f"mac {config['mac']} is also {other.table}'s; give each NIC "
+                                    "its own address")
+            except ValueError:
+                pass
+    return problems
+
+
+def _check_keys(config: DeviceConfig) -> None:
+    problems = key_problems(config)
+    if problems:
+        raise DeviceError(problems[0])
 
 
 def make_backend(config: DeviceConfig, ctx: DeviceContext):
@@ -120,4 +177,4 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioNet:
     return model
 
 
-plugin = DevicePlugin(SPEC, factory)
+plugin = DevicePlugin(SPEC, factory, check)
