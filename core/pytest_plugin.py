@@ -62,6 +62,18 @@ class ContractHookSpecs:
 
 
 # -- fixtures ------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _kvmkit_logger_put_back():
+    """``kvmkit.cli.main`` gives the "kvmkit" logger its own handler and stops
+    propagation; a test that runs it in-process would hide every later test's
+    log records from caplog.  Put the logger back after each test."""
+    import logging
+    logger = logging.getLogger("kvmkit")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
 @pytest.fixture
 def guest_memory() -> GuestMemory:
     """4 MiB of zeroed guest RAM (a bytearray, no mmap)."""

@@ -267,7 +267,8 @@ try:                                    # the helpers above work without pytest 
 except ImportError:                     # pragma: no cover - only where pytest is absent
     pass
 else:
-    from .pytest_plugin import (device_context, guest_memory, irq_line,  # noqa: E402,F401
+    from .pytest_plugin import (_kvmkit_logger_put_back, device_context,  # noqa: E402,F401
+                                guest_memory, irq_line,
                                 mmio_bus, pio_bus, pytest_addhooks, pytest_addoption,
                                 pytest_collection_modifyitems, pytest_configure,
                                 virtqueue_driver)

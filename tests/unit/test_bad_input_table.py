@@ -166,17 +166,6 @@ CONTROL = [b"not json", b"\xff\xfe", b"[]", b"{}", b'{"cmd": 1}', b'{"cmd": "reb
            b'{"cmd": "pause", "timeout": 3}']
 
 
-@pytest.fixture(autouse=True)
-def kvmkit_logging():
-    """kvmkit's main sets up the "kvmkit" logger (its own handler, no
-    propagation): put it back for the tests that run after these."""
-    import logging
-    logger = logging.getLogger("kvmkit")
-    saved = logger.handlers[:], logger.propagate, logger.level
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
