@@ -16,10 +16,9 @@ import checkout_installs  # noqa: E402
 sys.path.pop(0)
 
 
-def pytest_sessionstart(session):
+def pytest_configure(config):
     problems = checkout_installs.stale()
     if problems:
-        pytest.exit(
+        raise pytest.UsageError(
             "the code in .venv is not this checkout's: " + "; ".join(problems)
-            + ". Run scripts/setup (or scripts/setup --dev for editable installs) and test again",
-            returncode=4)
+            + ". Run scripts/setup (or scripts/setup --dev for editable installs) and test again")
