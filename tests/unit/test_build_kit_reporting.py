@@ -202,3 +202,25 @@ def test_no_space_while_extracting(kit):
     assert len(lines) == 1, r.stderr
     assert "no space left in the kit cache" in lines[0] and "while extracting the small kernel's source" in lines[0]
     assert not (kit.cache / "build" / "linux-source-6.1").exists(), "a half-extracted tree is removed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="build-kit installs packages only as root")
+def test_package_index_unreachable(kit, tmp_path):
+    fakes = {
+        # busybox-static is missing; everything else is installed.
+        "dpkg-query": 'for a; do p=$a; done\n[ "$p" = busybox-static ] && { printf "unknown ok not-installed"; exit 0; }\n'
+                      'printf "install ok installed"\n',
+        "apt-get": 'echo "Err:1 http://deb.debian.org/debian bookworm InRelease"\n'
+                   'echo "  Temporary failure resolving \'deb.debian.org\'"\n'
+                   '[ "$1" = update ] && exit 0\n'
+                   'echo "E: Unable to locate package busybox-static" >&2\nexit 100\n',
+    }
+    for name, body in fakes.items():
+        (tmp_path / "bin" / name).write_text("#!/bin/sh\n" + body)
+        (tmp_path / "bin" / name).chmod(0o755)
+    r = kit("--no-kernel")
+    assert r.returncode == 1
+    log = kit.cache.resolve() / "build" / "apt.log"
+    assert r.stderr.splitlines() == [
+        "build-kit: error: the package index is unreachable (Temporary failure resolving 'deb.debian.org'): "
+        f"check the network and the mirror/proxy in /etc/apt, then run again (log: {log})"], r.stderr
