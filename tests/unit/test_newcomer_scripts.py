@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -127,18 +128,21 @@ def test_setup_apt_failure_shows_the_log_tail(tmp_path):
                        f"(the log's last lines are above; whole log: {log})")
 
 
-def _demo(env_extra: dict, user=None):
-    """Runs a copy of ./demo beside the real guest/build-kit and a scripts/setup
-    that only says it ran: a demo that failed to stop cannot set anything up."""
+def _demo(env_extra: dict, user=None, setup_rc=97):
+    """Runs a copy of ./demo beside the real guest/build-kit, a scripts/setup
+    that only says it ran (a demo that failed to stop cannot set anything up)
+    and a .venv/bin/kvmkit that says how it was run and exits 3."""
     d = Path(tempfile.mkdtemp())
     try:
         d.chmod(0o755)
-        (d / "guest").mkdir()
-        (d / "scripts").mkdir()
+        for sub in ("guest", "scripts", ".venv/bin"):
+            (d / sub).mkdir(parents=True)
         shutil.copy2(DEMO, d / "demo")
         shutil.copy2(ROOT / "guest" / "build-kit", d / "guest" / "build-kit")
-        (d / "scripts" / "setup").write_text("#!/bin/sh\necho 'setup ran'\nexit 97\n")
-        (d / "scripts" / "setup").chmod(0o755)
+        for stub, body in (("scripts/setup", f"echo 'setup ran'\nexit {setup_rc}\n"),
+                           (".venv/bin/kvmkit", 'echo "kvmkit $*"\nexit 3\n')):
+            (d / stub).write_text("#!/bin/sh\n" + body)
+            (d / stub).chmod(0o755)
         env = dict(os.environ, **env_extra)
         cmd = [str(d / "demo")]
         if user:
@@ -231,3 +235,36 @@ def test_stale_installs_stop_the_test_run(tmp_path, monkeypatch):
     (root / "setup.py").write_text("# builds the cffi module\n")
     assert checkout_installs.stale(root, prefix) == [
         "kvmkit: the C sources or build files in core/ changed since scripts/setup installed it"]
+
+
+def test_demo_says_what_and_how_long_then_how_to_run_again(tmp_path):
+    kvm = tmp_path / "kvm"          # a stand-in this user can read and write
+    kvm.touch(mode=0o600)
+    cache = tmp_path / "cache"
+    for k, secs in (("small", 200), ("acpi", 220)):
+        (cache / "kernels" / k).mkdir(parents=True)
+        (cache / "kernels" / k / "timing").write_text(f"seconds={secs}\nsteps=1391\njobs=2\n")
+    env = {"KVMKIT_DEV_KVM": str(kvm), "KVMKIT_CACHE": str(cache)}
+    r = _demo(env, setup_rc=0)
+    assert r.returncode == 3, "the guest's exit status is the demo's"
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"demo: sets up .venv (kvmkit and its plugins) and the guest kit in {cache}, then boots "
+                        "a small Linux guest with 2 vCPUs on this terminal (Ctrl-A x quits)")
+    # The kernels' last builds here took 200 s and 220 s (+20 s each to extract).
+    assert lines[1] == ("demo: this run builds the guest kernels: about 8 min on this machine "
+                        "(as its last builds took), with progress below")
+    assert lines[2:] == ["setup ran", f"kvmkit run {cache}/demo.toml",
+                         f"demo: to boot the guest again without set-up: .venv/bin/kvmkit run {cache}/demo.toml"]
+
+    # Built already (stamps of this recipe): set-up only checks.
+    recipe = re.search(r"^RECIPE_VERSION=(\d+)", (ROOT / "guest" / "build-kit").read_text(), re.M).group(1)
+    for k in ("small", "acpi"):
+        (cache / "kernels" / k / "stamp").write_text(f"recipe={recipe} source=[x] fragment=y\n")
+    r = _demo(env, setup_rc=0)
+    assert r.stdout.splitlines()[1] == "demo: the guest kit is built: set-up only checks (seconds), then the guest boots"
+
+    # Never built here: a rough figure for this many cores.
+    shutil.rmtree(cache)
+    r = _demo(env, setup_rc=0)
+    assert re.fullmatch(r"demo: first run: installs packages and builds two guest kernels, roughly \d+ min "
+                        r"on \d+ cores \(about 4 min each on 2\), with progress below", r.stdout.splitlines()[1])
