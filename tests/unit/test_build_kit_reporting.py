@@ -100,7 +100,7 @@ def kit(tmp_path):
         f.chmod(0o755)
     cache = tmp_path / "cache"
 
-    def run(*args, timeout=120, **env):
+    def run(*args, timeout=600, **env):
         full = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", KVMKIT_CACHE=str(cache),
                     FAKE_NM_SYMBOLS=" ".join(CHECK_SYMBOLS), KVMKIT_BUILD_STEPS="50", **env)
         t0 = time.monotonic()
@@ -156,7 +156,7 @@ def test_progress_in_place_on_a_terminal(kit, tmp_path):
                FAKE_NM_SYMBOLS=" ".join(CHECK_SYMBOLS), FAKE_STEPS="30", FAKE_STEP_DELAY="0.1",
                KVMKIT_BUILD_STEPS="50")
     r = subprocess.run([script, "-qec", f"{BUILD_KIT} --brief", str(log)], env=env, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     out = log.read_bytes().decode(errors="replace")
     updates = re.findall(r"\r\x1b\[Kbuild-kit: small kernel: \d+/~\d+ steps", out)
