@@ -11,6 +11,7 @@ import threading
 import time
 import types
 
+from . import chipset
 from .acpi import aml, dsdt as acpi_dsdt, firmware as acpi_firmware, platform as acpi_platform
 from .boot import BootError, load_linux, layout as boot_layout
 from .bus import Bus, BusConflict
@@ -64,6 +65,7 @@ class Machine:
         self.shutdown_handlers: list = []       # (ctx, callback): graceful stop paths
         self.running = threading.Event()        # cleared while paused
         self.running.set()
+        self._reset_page = None                 # the page mapped at the reset vector
         self._pause_lock = threading.Lock()
         self._pauser: threading.Thread | None = None
 
@@ -172,19 +174,7 @@ class Machine:
     def build(self) -> None:
         cfg = self.config
         checked = check_machine(cfg, self.pm)                     # what `kvmkit check` checks
-
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.memory = GuestMemory(cfg.memory)
-        self.vm.map_memory(self.memory)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vm.set_tss_addr(TSS_ADDR)
-        self.vm.create_irqchip()
-        self.vm.create_pit2()
-        self.router = GsiRouter(self.vm)
-        pci_lock = threading.RLock()
-        for base, size, handler in self.pci.pio_ranges():
-            self.pio.add(base, size, handler, pci_lock, "pci-host")
+        self.build_platform()
 
         counts: dict[str, int] = {}
         for table, dcfg in zip(cfg.devices, checked.devices):
@@ -215,9 +205,35 @@ class Machine:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()
         for i in range(cfg.vcpus):
-            vcpu = self.vm.create_vcpu(i)
-            self.vcpus.append(vcpu)
+            vcpu = self.add_vcpu(i)
             cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
+
+    def build_platform(self) -> None:
+        """KVM, guest RAM, the interrupt controllers, the PCI host and the
+        chipset's reset control and reset vector: the machine before any
+        device or kernel (tests of hand-made guests stop here)."""
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.memory = GuestMemory(self.config.memory)
+        self.vm.map_memory(self.memory)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.router = GsiRouter(self.vm)
+        pci_lock = threading.RLock()
+        self.pci.reset_control = chipset.ResetControl(self.request_stop)
+        for base, size, handler in self.pci.pio_ranges():
+            self.pio.add(base, size, handler, pci_lock, "pci-host")
+        chipset.install_reset_vector(self.memory)
+        self._reset_page = chipset.reset_page()
+        self.vm.map_extra(len(self.memory.regions), chipset.RESET_PAGE, self._reset_page)
+
+    def add_vcpu(self, index: int):
+        """Create vCPU ``index``."""
+        vcpu = self.vm.create_vcpu(index)
+        self.vcpus.append(vcpu)
+        return vcpu
 
     # -- ACPI ----------------------------------------------------------------------------
     def _acpi_nodes(self) -> list[bytes]:
@@ -247,7 +263,7 @@ class Machine:
                                   mmio32=(self.mmio_alloc.start, self.mmio_alloc.end - 1),
                                   mmio64=acpi_dsdt.high_window(ram_top), intx=tuple(pci_irqs))
         try:
-            t = acpi_firmware.build(boot_layout.BIOS_START, boot_layout.HIGH_MEMORY_START,
+            t = acpi_firmware.build(boot_layout.BIOS_START, chipset.REAL_MODE_VECTOR,
                                     vcpus=self.config.vcpus, lapic_addr=boot_layout.LAPIC_ADDR,
                                     ioapic_addr=boot_layout.IOAPIC_ADDR, pci=pci,
                                     power=acpi_platform.registers(), ged_gsi=ACPI_GED_GSI,
@@ -338,6 +354,11 @@ class Machine:
             v.close()
         if self.vm is not None:
             self.vm.close()
+        if self._reset_page is not None:
+            try:
+                self._reset_page.close()
+            except BufferError:
+                pass
         if self.kvm is not None:
             self.kvm.close()
         if self.memory is not None:
