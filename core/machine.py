@@ -11,7 +11,7 @@ import threading
 import time
 import types
 
-from . import chipset
+from . import chipset, endings
 from .acpi import aml, dsdt as acpi_dsdt, firmware as acpi_firmware, platform as acpi_platform
 from .boot import BootError, load_linux, layout as boot_layout
 from .bus import Bus, BusConflict
@@ -65,6 +65,8 @@ class Machine:
         self.shutdown_handlers: list = []       # (ctx, callback): graceful stop paths
         self.running = threading.Event()        # cleared while paused
         self.running.set()
+        self.watchdog: endings.Watchdog | None = None
+        self._final_vcpu_exits: list[dict] | None = None    # taken when the vCPU threads end
         self._reset_page = None                 # the page mapped at the reset vector
         self._pause_lock = threading.Lock()
         self._pauser: threading.Thread | None = None
@@ -162,6 +164,7 @@ class Machine:
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(counts.items())},
             "exits_total": sum(counts.values()),
+            "vcpu_exits": self.vcpu_exits(),
             "cmdline": self.cmdline,
             "virtqueues": self.queue_backends(),
         }
@@ -230,9 +233,10 @@ class Machine:
         self.vm.map_extra(len(self.memory.regions), chipset.RESET_PAGE, self._reset_page)
 
     def add_vcpu(self, index: int):
-        """Create vCPU ``index``."""
+        """Create vCPU ``index``; its exits carry its registers when KVM can (endings.py)."""
         vcpu = self.vm.create_vcpu(index)
         self.vcpus.append(vcpu)
+        vcpu.enable_sync_regs()
         return vcpu
 
     # -- ACPI ----------------------------------------------------------------------------
@@ -312,14 +316,25 @@ class Machine:
         self.threads = [VcpuThread(v, self) for v in self.vcpus]
         for t in self.threads:
             t.start()
+        # Endings the guest does not announce (all halted, a stall): decided here.
+        self.watchdog = endings.Watchdog(self.threads, self.config.stall_timeout)
         while not self.stopping.wait(0.2):
-            pass
+            stop = self.watchdog.tick(paused=self.paused)
+            if stop is not None:
+                self.request_stop(stop.reason, stop.code)
         for t in self.threads:
             t.kick()
             t.join(timeout=5)
+        self._final_vcpu_exits = self.vcpu_exits()
         stop = self.stop or Stop("stopped", EXIT_ERROR)
         self.pm.hook.kvmkit_vm_stopped(vm=self, reason=stop.reason, exit_code=stop.code)
         return stop
+
+    def vcpu_exits(self) -> list[dict]:
+        """Per vCPU: its exit count, its last exit and that exit's RIP (kvmkit status, the summary)."""
+        if self._final_vcpu_exits is not None:
+            return self._final_vcpu_exits
+        return [endings.vcpu_status(t) for t in self.threads]
 
     def exit_counts(self) -> dict[int, int]:
         total: dict[int, int] = {}

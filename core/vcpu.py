@@ -7,7 +7,6 @@ running or a :class:`Stop`.  Tests drive it with made-up exits.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
 import logging
 import os
@@ -15,6 +14,8 @@ import signal
 import threading
 import time
 
+from . import endings
+from .endings import Stop
 from .hypervisor import host_quirks
 from .hypervisor._kvm import lib
 
@@ -24,12 +25,6 @@ from .plugin_api import EXIT_ERROR, EXIT_OK
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
-
-
-@dataclasses.dataclass(frozen=True)
-class Stop:
-    reason: str
-    code: int
 
 
 def handle_io(bus, port: int, size: int, count: int, is_out: bool, data: memoryview) -> None:
@@ -53,8 +48,12 @@ def handle_mmio(bus, addr: int, length: int, is_write: bool, data: memoryview) -
         data[:length] = bus.read(addr, length).to_bytes(length, "little")
 
 
-def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | None:
-    """Handle the exit described by ``vcpu.run`` (and its exit-union views)."""
+def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None,
+                streak: endings.FailureStreak | None = None) -> Stop | None:
+    """Handle the exit described by ``vcpu.run`` (and its exit-union views).
+
+    ``memory`` lets an emulation failure be checked for code run from outside
+    guest memory; ``streak`` (the vCPU's) catches a storm of assisted failures."""
     reason = vcpu.run.exit_reason
     if reason == lib.KVM_EXIT_IO:
         io = vcpu.io
@@ -82,8 +81,14 @@ def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | No
         raw = bytes(b for word in list(internal.data)[:4] for b in int(word).to_bytes(8, "little"))
         if internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
             insn = host_quirks.emulation_failure_insn(raw)
-            if quirks and host_quirks.assist(vcpu, insn, memory):
-                return None
+            if not insn and memory is not None:
+                stop = endings.fetch_from_nowhere(vcpu, memory)
+                if stop is not None:
+                    return stop
+            if quirks:
+                rip = vcpu.get_regs().rip
+                if host_quirks.assist(vcpu, insn, memory):
+                    return endings.assisted(vcpu, rip, insn, streak)
             return Stop(f"vCPU {vcpu.index}: KVM cannot emulate instruction "
                         f"{insn.hex(' ') or '(unknown)'}", EXIT_ERROR)
         return Stop(f"vCPU {vcpu.index}: KVM internal error {internal.suberror}", EXIT_ERROR)
@@ -104,6 +109,7 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.exits: collections.Counter = collections.Counter()
         self.parked = threading.Event()     # set while this vCPU waits out a pause
+        self.watch = endings.VcpuWatch(vcpu, self.exits)
 
     def kick(self) -> None:
         """Make KVM_RUN return now (and at once the next time it is called)."""
@@ -116,10 +122,20 @@ class VcpuThread(threading.Thread):
             except (ProcessLookupError, OSError):
                 pass
 
+    def poke(self) -> None:
+        """Interrupt KVM_RUN once (a signal only), so the thread answers ``watch.probe_wanted``."""
+        if self.ident is not None and self.is_alive():
+            try:
+                signal.pthread_kill(self.ident, signal.SIGUSR1)
+            except (ProcessLookupError, OSError):
+                pass
+
     def run(self) -> None:
         m = self.machine
         vcpu = self.vcpu
         exits = self.exits
+        watch = self.watch
+        streak = watch.streak
         pio, mmio, quirks, memory = m.pio, m.mmio, m.quirks, m.memory
         stopping, running = m.stopping, m.running
         log.debug("vcpu%d: first KVM_RUN", vcpu.index)
@@ -133,6 +149,8 @@ class VcpuThread(threading.Thread):
                     continue
                 r = vcpu.run_once()
                 if r < 0:
+                    if watch.probe_wanted:         # the machine's watchdog asks (endings.py)
+                        watch.answer_probe()
                     if r == -errno.EINTR:
                         continue
                     if r == -errno.EAGAIN:      # an AP waiting for its start-up IPI
@@ -141,7 +159,7 @@ class VcpuThread(threading.Thread):
                     m.request_stop(f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(-r)}", EXIT_ERROR)
                     return
                 exits[vcpu.run.exit_reason] += 1
-                stop = handle_exit(vcpu, pio, mmio, quirks, memory)
+                stop = handle_exit(vcpu, pio, mmio, quirks, memory, streak)
                 if stop is not None:
                     m.request_stop(stop.reason, stop.code)
                     return
