@@ -122,7 +122,7 @@ def _summary(machine: Machine, stop, elapsed: float) -> str:
     queues = "; ".join(f"{backend} virtqueues ({', '.join(devices)})"
                        for backend, devices in by_backend.items())
     vcpus = ", ".join(f"vCPU {v['index']} {v['exits']}"
-                      + (f" (last {v['last_exit']} at RIP {v['last_rip']})" if v["last_rip"] else "")
+                      + f" (last {v['last_exit']}" + (f", RIP {v['rip']})" if v["rip"] else ")")
                       for v in machine.vcpu_exits())
     return (f"kvmkit: {machine.config.name}: {stop.reason}; ran {elapsed:.1f} s, "
             f"{total} exits ({rate:.0f}/s{': ' + parts if parts else ''})"

@@ -41,8 +41,8 @@ def cmd_status(args) -> int:
     print(f"  devices: {', '.join(s['devices']) or 'none'}")
     print("  exits: " + (", ".join(f"{k} {v}" for k, v in s["exits"].items()) or "none"))
     for v in s.get("vcpu_exits", ()):
-        last = f", last {v['last_exit']}" + (f" at RIP {v['last_rip']}" if v["last_rip"] else "")
-        print(f"  vCPU {v['index']}: {v['exits']} exits{last if v['exits'] else ''}")
+        rip = f", RIP {v['rip']}" if v.get("rip") else ""
+        print(f"  vCPU {v['index']}: {v['exits']} exits, last {v['last_exit']}{rip}")
     return 0
 
 

@@ -136,6 +136,8 @@ class VcpuWatch:
         self.streak = FailureStreak(exits)
         self.probe_wanted = False
         self.answer: tuple[int, str | None] | None = None    # (exits when probed, why stopped)
+        self.last_reason: int | None = None    # the vCPU thread notes each exit's reason
+        self.left_kvm = False                  # KVM_RUN returned at least once (sync regs valid)
 
     def answer_probe(self) -> None:
         """Called by the vCPU's thread outside KVM_RUN when ``probe_wanted``."""
@@ -197,24 +199,25 @@ class Watchdog:
 
 
 def last_exit(thread) -> tuple[str, int | None]:
-    """The vCPU's last exit reason and RIP from its kvm_run page (no ioctl)."""
+    """The vCPU's last exit reason, and its RIP when it last left KVM_RUN (its
+    last exit, or the watchdog's look while it was quiet), from its kvm_run
+    page: no ioctl, and nothing done per exit beyond noting the reason."""
     from .vcpu import EXIT_NAMES
-    vcpu = thread.vcpu
-    run = vcpu.run
-    if run is None or not sum(thread.exits.values()):
-        return "none", None
-    reason = EXIT_NAMES.get(run.exit_reason, str(run.exit_reason))
-    rip = vcpu.sync_regs.rip if getattr(vcpu, "regs_synced", False) else None
-    return reason, rip
+    vcpu, watch = thread.vcpu, thread.watch
+    reason = "none" if watch.last_reason is None else EXIT_NAMES.get(watch.last_reason,
+                                                                      str(watch.last_reason))
+    left = watch.last_reason is not None or watch.left_kvm
+    synced = vcpu.run is not None and getattr(vcpu, "regs_synced", False)
+    return reason, vcpu.sync_regs.rip if left and synced else None
 
 
 def describe_vcpu(thread) -> str:
     reason, rip = last_exit(thread)
-    at = f" at RIP {rip:#x}" if rip is not None else ""
+    at = f", RIP {rip:#x}" if rip is not None else ""
     return f"vCPU {thread.vcpu.index} {sum(thread.exits.values())} exits (last {reason}{at})"
 
 
 def vcpu_status(thread) -> dict:
     reason, rip = last_exit(thread)
     return {"index": thread.vcpu.index, "exits": sum(thread.exits.values()),
-            "last_exit": reason, "last_rip": None if rip is None else f"{rip:#x}"}
+            "last_exit": reason, "rip": None if rip is None else f"{rip:#x}"}

@@ -149,6 +149,7 @@ class VcpuThread(threading.Thread):
                     continue
                 r = vcpu.run_once()
                 if r < 0:
+                    watch.left_kvm = True
                     if watch.probe_wanted:         # the machine's watchdog asks (endings.py)
                         watch.answer_probe()
                     if r == -errno.EINTR:
@@ -158,7 +159,9 @@ class VcpuThread(threading.Thread):
                         continue
                     m.request_stop(f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(-r)}", EXIT_ERROR)
                     return
-                exits[vcpu.run.exit_reason] += 1
+                reason = vcpu.run.exit_reason
+                exits[reason] += 1
+                watch.last_reason = reason
                 stop = handle_exit(vcpu, pio, mmio, quirks, memory, streak)
                 if stop is not None:
                     m.request_stop(stop.reason, stop.code)

@@ -107,7 +107,8 @@ class FakeThread:
         self.vcpu = SimpleNamespace(index=index, run=None)
         self.exits = collections.Counter()
         self.why = why                  # what stopped_for_good() would say
-        self.watch = SimpleNamespace(answer=None, probe_wanted=False)
+        self.watch = SimpleNamespace(answer=None, probe_wanted=False, last_reason=None,
+                                     left_kvm=False)
         self.pokes = 0
 
     def poke(self):                     # the thread answers at once
@@ -167,10 +168,11 @@ def test_stall_timeout_counts_from_the_last_exit():
     dog = endings.Watchdog([t], stall_timeout=5.0, clock=clock)
     assert run_ticks(dog, clock, 3) is None
     t.exits[lib.KVM_EXIT_IO] += 1
+    t.watch.last_reason = lib.KVM_EXIT_IO
     assert run_ticks(dog, clock, 4.8) is None                  # the exit was seen at the next tick
     stop = run_ticks(dog, clock, 0.6)
     assert stop.code == EXIT_STALLED and "no vCPU exited for 5 s" in stop.reason
-    assert "vCPU 0 1 exits (last none)" in stop.reason         # run page gone: no RIP to show
+    assert "vCPU 0 1 exits (last io)" in stop.reason           # no kvm_run page: no RIP to show
 
 
 # -- code from nowhere, through handle_exit ------------------------------------------------
