@@ -31,6 +31,8 @@ import logging
 import mmap
 from typing import Callable
 
+from .boot import layout
+
 log = logging.getLogger("kvmkit.chipset")
 
 RESET_CONTROL_PORT = 0xCF9
@@ -41,8 +43,9 @@ RESET_VALUE = SYS_RST | RST_CPU          # what the ACPI FADT's RESET_VALUE says
 
 REAL_MODE_VECTOR = 0xFFFF0               # F000:FFF0
 RESET_VECTOR = 0xFFFF_FFF0               # where a CPU starts after reset
-RESET_PAGE = RESET_VECTOR & ~0xFFF       # the page kvmkit maps there
-PAGE = 0x1000
+RESET_PAGE = layout.RESET_PAGE           # the page kvmkit maps there (e820 reserves it)
+PAGE = layout.RESET_PAGE_SIZE
+assert RESET_PAGE == RESET_VECTOR & ~(PAGE - 1)
 
 RESET_STUB = bytes([
     0xB0, RESET_VALUE,                   # mov al, 0x06
