@@ -27,9 +27,10 @@ do not, and without a check here kvmkit would wait forever:
   :data:`STORM_COUNT` times in a row (no other exit between) over at least
   :data:`STORM_MIN_S` is a guest that makes no progress: status 1.
 - **A silent stall** (``[machine] stall_timeout``, off by default): no vCPU
-  exited to kvmkit for that long (console output, device registers and
-  halts with the i8042/RTC all exit; the native virtio engines' traffic does
-  not): :data:`EXIT_STALLED`.
+  exited to kvmkit for that long (console output and emulated device
+  registers exit; the native virtio engines' traffic does not, nor does a
+  kernel that prints nothing until its console driver loads):
+  :data:`EXIT_STALLED`.
 """
 from __future__ import annotations
 
