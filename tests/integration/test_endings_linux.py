@@ -51,7 +51,7 @@ def ending(request, guest_kit, tmp_path_factory):
         text = m.read_text().replace("[machine]\n", "[machine]\n" + "".join(
             f"{k} = {v}\n" for k, v in extras.items()), 1)
         m.write_text(text)
-    result = run_kvmkit(["run", str(m)], timeout=600)
+    result = run_kvmkit(["run", str(m)], timeout=900)
     end = time.time()
     last = result.find(ROWS[request.param][4])
     took = f"{end - last[0]:.1f} s after the guest's last line" if last else "?"
