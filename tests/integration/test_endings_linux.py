@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from guest import machine_file, newc, run_kvmkit
+from guest import initrd_with_hooks, machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
 NO_I8042 = ({"kind": "serial8250"}, {"kind": "rtc"})
-HALT_HOOK = newc({"etc/kvmkit-tests/halt.sh": b"#!/bin/sh\necho kvmkit-guest: halting\nhalt -f\n"})
+HALT_HOOK = {"halt": "#!/bin/sh\necho kvmkit-guest: halting\nhalt -f\n"}
 
 # name: (cmdline, userspace hook or None, [machine] extras, status, what the guest printed last,
 #        kvmkit's reason)
@@ -43,8 +43,7 @@ def ending(request, guest_kit, tmp_path_factory):
     d = tmp_path_factory.mktemp("ending")
     initrd = None
     if hook is not None:
-        initrd = d / "initrd.cpio"
-        initrd.write_bytes(guest_kit["BUSYBOX_CPIO"].read_bytes() + hook)
+        initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", hook)
     m = machine_file(d / "m.toml", image=guest_kit["SMALL_VMLINUX"], initrd=initrd,
                      cmdline=f"console=ttyS0 {cmdline}", devices=NO_I8042)
     if extras:
