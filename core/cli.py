@@ -64,8 +64,12 @@ def _summary(machine, stop, elapsed: float) -> str:
         by_backend.setdefault(backend, []).append(device)
     queues = "; ".join(f"{backend} virtqueues ({', '.join(devices)})"
                        for backend, devices in by_backend.items())
+    vcpus = ", ".join(f"vCPU {v['index']} {v['exits']}"
+                      + f" (last {v['last_exit']}" + (f", RIP {v['rip']})" if v["rip"] else ")")
+                      for v in machine.vcpu_exits())
     return (f"kvmkit: {machine.config.name}: {stop.reason}; ran {elapsed:.1f} s, "
             f"{total} exits ({rate:.0f}/s{': ' + parts if parts else ''})"
+            f"{'; ' + vcpus if vcpus else ''}"
             f"{'; ' + queues if queues else ''}")
 
 
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="machine name")
     run.add_argument("--host-quirks", dest="host_quirks", choices=["auto", "on", "off"],
                      help="nested paravirtual KVM assists (default: auto-detect)")
+    run.add_argument("--stall-timeout", dest="stall_timeout", type=float, metavar="SECONDS",
+                     help="stop the VM (status 6) when no vCPU exits for this long (default: off)")
     run.add_argument("--device", "-d", action="append", default=[], metavar="KIND,KEY=VALUE,...",
                      help="add a device (repeatable)")
     run.add_argument("--detach", action="store_true",

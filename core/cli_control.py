@@ -54,6 +54,9 @@ def cmd_status(args) -> int:
     print(_describe(s))
     print(f"  devices: {', '.join(s['devices']) or 'none'}")
     print("  exits: " + (", ".join(f"{k} {v}" for k, v in s["exits"].items()) or "none"))
+    for v in s.get("vcpu_exits", ()):
+        rip = f", RIP {v['rip']}" if v.get("rip") else ""
+        print(f"  vCPU {v['index']}: {v['exits']} exits, last {v['last_exit']}{rip}")
     return 0
 
 

@@ -80,9 +80,10 @@ class MachineConfig:
     host_quirks: str = "auto"
     source: Path | None = None
     acpi: bool = True               # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) besides the MP table
+    stall_timeout: float = 0.0      # seconds without any vCPU exit before the VM is stopped; 0: off
 
 
-MACHINE_KEYS = {"name", "memory", "vcpus", "host_quirks", "acpi"}
+MACHINE_KEYS = {"name", "memory", "vcpus", "host_quirks", "acpi", "stall_timeout"}
 KERNEL_KEYS = {"image", "initrd", "cmdline"}
 TOP_KEYS = {"machine", "kernel", "device"}
 
@@ -183,6 +184,11 @@ def _machine_from_dict(data: Mapping, source: Path | None, base_dir: Path, defau
     if not isinstance(acpi, bool):
         problems.add(_err(f"{label}: [machine] acpi", f"expected true or false, got {acpi!r}"))
         acpi = True
+    stall = machine.get("stall_timeout", 0)
+    if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not 0 <= stall < 1e9:
+        problems.add(_err(f"{label}: [machine] stall_timeout",
+                          f"expected a number of seconds (0 turns the watchdog off), got {stall!r}"))
+        stall = 0
 
     kernel = data.get("kernel")
     if not isinstance(kernel, dict) or "image" not in kernel:
@@ -217,7 +223,8 @@ def _machine_from_dict(data: Mapping, source: Path | None, base_dir: Path, defau
             continue
         devices.append(DeviceTable(kind, {k: v for k, v in table.items() if k != "kind"},
                                    f"{where} ({kind})", base_dir))
-    return MachineConfig(name, memory, vcpus, kernel_cfg, tuple(devices), quirks, source, acpi)
+    return MachineConfig(name, memory, vcpus, kernel_cfg, tuple(devices), quirks, source, acpi,
+                         float(stall))
 
 
 def load_machine(path: Path) -> MachineConfig:

@@ -11,6 +11,7 @@ import threading
 import time
 import types
 
+from . import chipset, endings
 from .acpi import aml, dsdt as acpi_dsdt, firmware as acpi_firmware, platform as acpi_platform
 from .boot import BootError, load_linux, layout as boot_layout
 from .bus import Bus, BusConflict
@@ -75,6 +76,9 @@ class Machine:
         self.shutdown_handlers: list = []       # (ctx, callback): graceful stop paths
         self.running = threading.Event()        # cleared while paused
         self.running.set()
+        self.watchdog: endings.Watchdog | None = None
+        self._final_vcpu_exits: list[dict] | None = None    # taken when the vCPU threads end
+        self._reset_page = None                 # the page mapped at the reset vector
         self._pause_lock = threading.Lock()
         self._pauser: threading.Thread | None = None
         self._pause_waits_for = ""              # the device whose lock the pause thread awaits
@@ -200,6 +204,7 @@ class Machine:
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(counts.items())},
             "exits_total": sum(counts.values()),
+            "vcpu_exits": self.vcpu_exits(),
             "cmdline": self.cmdline,
             "virtqueues": self.queue_backends(),
         }
@@ -212,23 +217,7 @@ class Machine:
     def build(self) -> None:
         cfg = self.config
         checked = self._checked or check_machine(cfg, self.pm)    # what `kvmkit check` checks
-
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        try:
-            self.memory = GuestMemory(cfg.memory)
-        except OSError as e:
-            raise MachineError(f"cannot allocate {cfg.memory >> 20} MiB of guest memory: "
-                               f"{e.strerror or e}; give less ([machine] memory, --memory)") from None
-        self.vm.map_memory(self.memory)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vm.set_tss_addr(TSS_ADDR)
-        self.vm.create_irqchip()
-        self.vm.create_pit2()
-        self.router = GsiRouter(self.vm)
-        pci_lock = threading.RLock()
-        for base, size, handler in self.pci.pio_ranges():
-            self.pio.add(base, size, handler, pci_lock, "pci-host")
+        self.build_platform()
 
         counts: dict[str, int] = {}
         for table, dcfg in zip(cfg.devices, checked.devices):
@@ -259,9 +248,40 @@ class Machine:
             raise MachineError(str(e)) from None
         supported = self.kvm.supported_cpuid()
         for i in range(cfg.vcpus):
-            vcpu = self.vm.create_vcpu(i)
-            self.vcpus.append(vcpu)
+            vcpu = self.add_vcpu(i)
             cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
+
+    def build_platform(self) -> None:
+        """KVM, guest RAM, the interrupt controllers, the PCI host and the
+        chipset's reset control and reset vector: the machine before any
+        device or kernel (tests of hand-made guests stop here)."""
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        try:
+            self.memory = GuestMemory(self.config.memory)
+        except OSError as e:
+            raise MachineError(f"cannot allocate {self.config.memory >> 20} MiB of guest memory: "
+                               f"{e.strerror or e}; give less ([machine] memory, --memory)") from None
+        self.vm.map_memory(self.memory)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.router = GsiRouter(self.vm)
+        pci_lock = threading.RLock()
+        self.pci.reset_control = chipset.ResetControl(self.request_stop)
+        for base, size, handler in self.pci.pio_ranges():
+            self.pio.add(base, size, handler, pci_lock, "pci-host")
+        chipset.install_reset_vector(self.memory)
+        self._reset_page = chipset.reset_page()
+        self.vm.map_extra(len(self.memory.regions), chipset.RESET_PAGE, self._reset_page)
+
+    def add_vcpu(self, index: int):
+        """Create vCPU ``index``; its exits carry its registers when KVM can (endings.py)."""
+        vcpu = self.vm.create_vcpu(index)
+        self.vcpus.append(vcpu)
+        vcpu.enable_sync_regs()
+        return vcpu
 
     # -- ACPI ----------------------------------------------------------------------------
     def _acpi_nodes(self) -> list[bytes]:
@@ -291,7 +311,7 @@ class Machine:
                                   mmio32=(self.mmio_alloc.start, self.mmio_alloc.end - 1),
                                   mmio64=acpi_dsdt.high_window(ram_top), intx=tuple(pci_irqs))
         try:
-            t = acpi_firmware.build(boot_layout.BIOS_START, boot_layout.HIGH_MEMORY_START,
+            t = acpi_firmware.build(boot_layout.BIOS_START, chipset.REAL_MODE_VECTOR,
                                     vcpus=self.config.vcpus, lapic_addr=boot_layout.LAPIC_ADDR,
                                     ioapic_addr=boot_layout.IOAPIC_ADDR, pci=pci,
                                     power=acpi_platform.registers(), ged_gsi=ACPI_GED_GSI,
@@ -340,14 +360,25 @@ class Machine:
         self.threads = [VcpuThread(v, self) for v in self.vcpus]
         for t in self.threads:
             t.start()
+        # Endings the guest does not announce (all halted, a stall): decided here.
+        self.watchdog = endings.Watchdog(self.threads, self.config.stall_timeout)
         while not self.stopping.wait(0.2):
-            pass
+            stop = self.watchdog.tick(paused=self.paused)
+            if stop is not None:
+                self.request_stop(stop.reason, stop.code)
         for t in self.threads:
             t.kick()
             t.join(timeout=5)
+        self._final_vcpu_exits = self.vcpu_exits()
         stop = self.stop or Stop("stopped", EXIT_ERROR)
         self.pm.hook.kvmkit_vm_stopped(vm=self, reason=stop.reason, exit_code=stop.code)
         return stop
+
+    def vcpu_exits(self) -> list[dict]:
+        """Per vCPU: its exit count, its last exit and that exit's RIP (kvmkit status, the summary)."""
+        if self._final_vcpu_exits is not None:
+            return self._final_vcpu_exits
+        return [endings.vcpu_status(t) for t in self.threads]
 
     def exit_counts(self) -> dict[int, int]:
         total: dict[int, int] = {}
@@ -382,6 +413,11 @@ class Machine:
             v.close()
         if self.vm is not None:
             self.vm.close()
+        if self._reset_page is not None:
+            try:
+                self._reset_page.close()
+            except BufferError:
+                pass
         if self.kvm is not None:
             self.kvm.close()
         if self.memory is not None:

@@ -59,6 +59,7 @@ def machine_config(args, problems=None):
     kernel = data.setdefault("kernel", {})
     for flag, table, key in (("name", machine, "name"), ("memory", machine, "memory"),
                              ("vcpus", machine, "vcpus"), ("host_quirks", machine, "host_quirks"),
+                             ("stall_timeout", machine, "stall_timeout"),
                              ("append", kernel, "cmdline")):
         value = getattr(args, flag)
         if value is not None:

@@ -52,8 +52,8 @@ __all__ = [
     "hookimpl", "Key", "DeviceSpec", "DevicePlugin", "DeviceConfig", "Size", "REQUIRED",
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
-    "EXIT_GUEST_PANIC", "ConfigSpace", "VirtioDevice", "SplitQueue", "Chain", "VirtqueueError",
-    "QUEUE_KEY", "GuestLog",
+    "EXIT_GUEST_PANIC", "EXIT_GUEST_HALTED", "EXIT_STALLED", "ConfigSpace", "VirtioDevice",
+    "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog",
 ]
 
 PIO = "pio"
@@ -66,6 +66,8 @@ EXIT_ERROR = 1         # a VMM error: KVM, a device, an instruction KVM cannot e
 EXIT_USAGE = 2         # bad input: machine file, flags, plugins, kernel files
 EXIT_FORCED = 3        # stopped by force: `kvmkit kill`, or a graceful stop that timed out
 EXIT_GUEST_PANIC = 4   # the guest kernel reported a panic (pvpanic)
+EXIT_GUEST_HALTED = 5  # every vCPU halted for good (interrupts off): `halt -f`, a stopped kernel
+EXIT_STALLED = 6       # no vCPU exited for [machine] stall_timeout seconds
 
 
 class DeviceError(Exception):

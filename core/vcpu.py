@@ -14,8 +14,9 @@ import signal
 import struct
 import threading
 import time
-from typing import NamedTuple
 
+from . import endings
+from .endings import Stop
 from .hypervisor import host_quirks
 from .hypervisor._kvm import ffi, lib
 
@@ -39,11 +40,6 @@ _VALUE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 
 
-class Stop(NamedTuple):
-    reason: str
-    code: int
-
-
 def handle_io(bus, port: int, size: int, count: int, is_out: bool, data: memoryview) -> None:
     """A port-I/O exit: ``count`` accesses of ``size`` bytes (string I/O repeats)."""
     if size not in (1, 2, 4) or count * size > len(data):
@@ -65,12 +61,15 @@ def handle_mmio(bus, addr: int, length: int, is_write: bool, data: memoryview) -
         data[:length] = bus.read(addr, length).to_bytes(length, "little")
 
 
-def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | None:
+def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None,
+                streak: endings.FailureStreak | None = None) -> Stop | None:
     """Handle the exit that ``vcpu.run_buf`` (the mapped ``kvm_run``) describes.
 
     Port I/O and MMIO, nearly every exit, are decoded with one ``unpack_from``
     of the fields they need; a single port access goes straight to the bus.
-    The rarer exits read the exit-union views (``vcpu.system_event`` ...)."""
+    The rarer exits read the exit-union views (``vcpu.system_event`` ...).
+    ``memory`` lets an emulation failure be checked for code run from outside
+    guest memory; ``streak`` (the vCPU's) catches a storm of assisted failures."""
     buf = vcpu.run_buf
     reason, direction, size, port, count, off = _IO_EXIT.unpack_from(buf, _REASON_AT)
     if reason == _EXIT_IO:
@@ -103,8 +102,14 @@ def handle_exit(vcpu, pio, mmio, quirks: bool = False, memory=None) -> Stop | No
         raw = bytes(b for word in list(internal.data)[:4] for b in int(word).to_bytes(8, "little"))
         if internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
             insn = host_quirks.emulation_failure_insn(raw)
-            if quirks and host_quirks.assist(vcpu, insn, memory):
-                return None
+            if not insn and memory is not None:
+                stop = endings.fetch_from_nowhere(vcpu, memory)
+                if stop is not None:
+                    return stop
+            if quirks:
+                rip = vcpu.get_regs().rip
+                if host_quirks.assist(vcpu, insn, memory):
+                    return endings.assisted(vcpu, rip, insn, streak)
             return Stop(f"vCPU {vcpu.index}: KVM cannot emulate instruction "
                         f"{insn.hex(' ') or '(unknown)'}", EXIT_ERROR)
         return Stop(f"vCPU {vcpu.index}: KVM internal error {internal.suberror}", EXIT_ERROR)
@@ -125,6 +130,7 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.exits: collections.Counter = collections.Counter()
         self.parked = threading.Event()     # set while this vCPU waits out a pause
+        self.watch = endings.VcpuWatch(vcpu, self.exits)
 
     def kick(self) -> None:
         """Make KVM_RUN return now (and at once the next time it is called)."""
@@ -137,10 +143,20 @@ class VcpuThread(threading.Thread):
             except (ProcessLookupError, OSError):
                 pass
 
+    def poke(self) -> None:
+        """Interrupt KVM_RUN once (a signal only), so the thread answers ``watch.probe_wanted``."""
+        if self.ident is not None and self.is_alive():
+            try:
+                signal.pthread_kill(self.ident, signal.SIGUSR1)
+            except (ProcessLookupError, OSError):
+                pass
+
     def run(self) -> None:
         m = self.machine
         vcpu = self.vcpu
         exits = self.exits
+        watch = self.watch
+        streak = watch.streak
         pio, mmio, quirks, memory = m.pio, m.mmio, m.quirks, m.memory
         stopping, running = m.stopping, m.running
         log.debug("vcpu%d: first KVM_RUN", vcpu.index)
@@ -154,6 +170,9 @@ class VcpuThread(threading.Thread):
                     continue
                 r = vcpu.run_once()
                 if r < 0:
+                    watch.left_kvm = True
+                    if watch.probe_wanted:         # the machine's watchdog asks (endings.py)
+                        watch.answer_probe()
                     if r == -errno.EINTR:
                         # A kick's immediate_exit must not outlive it: if the pause it
                         # was for is already over, the next KVM_RUN would fail again,
@@ -165,8 +184,10 @@ class VcpuThread(threading.Thread):
                         continue
                     m.request_stop(f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(-r)}", EXIT_ERROR)
                     return
-                exits[vcpu.run.exit_reason] += 1
-                stop = handle_exit(vcpu, pio, mmio, quirks, memory)
+                reason = vcpu.run.exit_reason
+                exits[reason] += 1
+                watch.last_reason = reason
+                stop = handle_exit(vcpu, pio, mmio, quirks, memory, streak)
                 if stop is not None:
                     m.request_stop(stop.reason, stop.code)
                     return

@@ -4,7 +4,7 @@
     base + 0x2  PM1_EN (16 bits)
     base + 0x4  PM1_CNT (16 bits): SCI_EN reads 1 (always in ACPI mode);
                 SLP_TYP bits 10-12 with SLP_EN bit 13 enters a sleep state
-    base + 0x6  reset (FADT RESET_REG): RESET_VALUE resets, i.e. ends, the VM
+    base + 0x6  reserved (the FADT's RESET_REG is the chipset's 0xCF9, see kvmkit.chipset)
     base + 0x7  kvmkit's own: the DSDT's GED writes 1 from _INI (the guest runs
                 ACPI) and 2 from _EVT (it took a power-button event)
     base + 0x8  PM_TMR (32 bits): a free-running 3.579545 MHz counter
@@ -18,14 +18,14 @@ import logging
 import time
 from typing import Callable
 
+from .. import chipset
 from ..guest_log import GuestLog
 from .dsdt import EVENT_TAKEN, OSPM_READY, S5_SLP_TYP
 from .tables import PowerRegisters
 
 BASE = 0x600
 SIZE = 12
-PM1_STS, PM1_EN, PM1_CNT, RESET, OSPM, PM_TMR = 0x0, 0x2, 0x4, 0x6, 0x7, 0x8
-RESET_VALUE = 0x01
+PM1_STS, PM1_EN, PM1_CNT, OSPM, PM_TMR = 0x0, 0x2, 0x4, 0x7, 0x8
 SCI_IRQ = 9
 SCI_EN = 1 << 0
 SLP_EN = 1 << 13
@@ -37,7 +37,8 @@ log = logging.getLogger("kvmkit.acpi")
 
 def registers(base: int = BASE) -> PowerRegisters:
     return PowerRegisters(pm1a_event=base + PM1_STS, pm1a_control=base + PM1_CNT,
-                          pm_timer=base + PM_TMR, reset=base + RESET, reset_value=RESET_VALUE,
+                          pm_timer=base + PM_TMR, reset=chipset.RESET_CONTROL_PORT,
+                          reset_value=chipset.RESET_VALUE,
                           sci_irq=SCI_IRQ)
 
 
@@ -68,8 +69,6 @@ class AcpiPlatform:
             else:
                 self.glog.warning("sleep", "guest asked for sleep type %d; only S5 (power-off) is offered",
                                   slp_typ)
-        elif offset == RESET and value & 0xFF == RESET_VALUE:
-            self._stop("guest reset (ACPI)", 0)
         elif offset == OSPM:
             if value & 0xFF == OSPM_READY and not self.ospm_ready:
                 self.ospm_ready = True

@@ -21,6 +21,8 @@ def e820_map(regions) -> list[tuple[int, int, int]]:
                (layout.BIOS_START, layout.HIGH_MEMORY_START - layout.BIOS_START, E820_RESERVED)]
     if low_end > layout.HIGH_MEMORY_START:
         entries.append((layout.HIGH_MEMORY_START, low_end - layout.HIGH_MEMORY_START, E820_RAM))
+    # the reset vector's page, as firmware reserves its ROM there (no PCI BAR goes on it)
+    entries.append((layout.RESET_PAGE, layout.RESET_PAGE_SIZE, E820_RESERVED))
     entries.extend((r.gpa, r.size, E820_RAM) for r in regions[1:])
     return entries
 

@@ -25,6 +25,10 @@ HIGH_MEMORY_START = 0x100000  # the kernel and the initrd go above this
 # Where the identity map stops (2 MiB pages, first 4 GiB).
 IDENTITY_MAP_END = 4 * GIB
 
+# The page at the top of 4 GiB that holds the reset vector (kvmkit.chipset).
+RESET_PAGE = 0xFFFF_F000
+RESET_PAGE_SIZE = 0x1000
+
 # Interrupt controllers (KVM's in-kernel irqchip).
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000

@@ -26,6 +26,8 @@ KVM_PIT_SPEAKER_DUMMY KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
 KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE
 KVM_IRQCHIP_IOAPIC KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
+KVM_CHECK_EXTENSION KVM_CAP_SYNC_REGS KVM_SYNC_X86_REGS KVM_MP_STATE_HALTED
+KVM_MP_STATE_INIT_RECEIVED KVM_MP_STATE_SIPI_RECEIVED
 """.split()
 
 CDEF = """
@@ -69,6 +71,7 @@ struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __
 struct kvm_run {
     __u8 request_interrupt_window; __u8 immediate_exit;
     __u32 exit_reason; __u8 ready_for_interrupt_injection; __u8 if_flag;
+    __u64 kvm_valid_regs; __u64 kvm_dirty_regs;
     ...;
 };
 
@@ -88,6 +91,7 @@ static const int KVMKIT_EVENTS_EXCEPTION_OFFSET;
 static const int KVMKIT_ROUTING_HEADER;
 static const int KVMKIT_ROUTING_ENTRY_SIZE;
 static const int KVMKIT_ROUTING_ENTRY_U_OFFSET;
+static const int KVMKIT_SYNC_REGS_OFFSET;
 
 int kvmkit_ioctl(int fd, unsigned long request, void *arg);
 int kvmkit_ioctl_val(int fd, unsigned long request, unsigned long arg);
@@ -130,6 +134,8 @@ static const int KVMKIT_EVENTS_EXCEPTION_OFFSET = offsetof(struct kvm_vcpu_event
 static const int KVMKIT_ROUTING_HEADER = offsetof(struct kvm_irq_routing, entries);
 static const int KVMKIT_ROUTING_ENTRY_SIZE = sizeof(struct kvm_irq_routing_entry);
 static const int KVMKIT_ROUTING_ENTRY_U_OFFSET = offsetof(struct kvm_irq_routing_entry, u);
+/* kvm_run.s.regs.regs: struct kvm_regs, filled on every exit once kvm_valid_regs asks */
+static const int KVMKIT_SYNC_REGS_OFFSET = offsetof(struct kvm_run, s.regs.regs);
 
 /* ioctl wrappers: return the result, or -errno; the GIL is released by cffi. */
 int kvmkit_ioctl(int fd, unsigned long request, void *arg)

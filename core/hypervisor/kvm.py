@@ -75,6 +75,11 @@ class Kvm:
             return [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
                     for e in (entries[i] for i in range(count))]
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when the capability is missing."""
+        r = lib.kvmkit_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+        return max(r, 0)
+
     def create_vm(self) -> "Vm":
         fd = _ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return Vm(self, fd)
@@ -100,6 +105,15 @@ class Vm:
                 "slot": slot, "flags": 0, "guest_phys_addr": r.gpa, "memory_size": r.size,
                 "userspace_addr": int(ffi.cast("uintptr_t", base)) + r.offset})
             _ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def map_extra(self, slot: int, gpa: int, buffer) -> None:
+        """Map a page-aligned host buffer (kept alive here) at ``gpa`` as memory slot ``slot``."""
+        base = ffi.from_buffer(buffer)
+        self._slots.append(base)
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": 0, "guest_phys_addr": gpa, "memory_size": len(buffer),
+            "userspace_addr": int(ffi.cast("uintptr_t", base))})
+        _ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
     def set_tss_addr(self, addr: int) -> None:
         _ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
@@ -192,6 +206,18 @@ class Vcpu:
         self.system_event = ffi.cast("struct kvmkit_system_event *", union)
         self.fail_entry = ffi.cast("struct kvmkit_fail_entry *", union)
         self.mmio_data = self.run_buf[lib.KVMKIT_EXIT_UNION_OFFSET + 8:lib.KVMKIT_EXIT_UNION_OFFSET + 16]
+        # kvm_run.s.regs.regs: valid after each exit once enable_sync_regs() succeeded
+        self.sync_regs = ffi.cast("struct kvm_regs *", base + lib.KVMKIT_SYNC_REGS_OFFSET)
+        self.regs_synced = False
+
+    def enable_sync_regs(self) -> bool:
+        """Have KVM copy the general registers into kvm_run on every exit
+        (KVM_CAP_SYNC_REGS), so the exit's RIP costs no ioctl.  False if unsupported."""
+        if not self.vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS:
+            return False
+        self.run.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+        self.regs_synced = True
+        return True
 
     # -- running ---------------------------------------------------------------
     def run_once(self) -> int:
@@ -268,6 +294,11 @@ class Vcpu:
         ffi.cast("__u32 *", buf + lib.KVMKIT_EVENTS_FLAGS_OFFSET)[0] = 0
         _ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, buf, "KVM_SET_VCPU_EVENTS")
 
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        _ioctl(self.fd, lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return state.mp_state
+
     def translate(self, linear: int) -> int | None:
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear})
         _ioctl(self.fd, lib.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
@@ -278,7 +309,7 @@ class Vcpu:
         self.run_buf.release()
         # cffi still references the mapping through self._base; drop it first
         self.run = self.io = self.mmio = self.internal = self.system_event = None
-        self.fail_entry = self._base = None
+        self.fail_entry = self._base = self.sync_regs = None
         try:
             self.run_map.close()
         except BufferError:

@@ -8,6 +8,10 @@ accesses register ``(CONFIG_ADDRESS & 0xFC) + (port - 0xCFC)`` of the selected
 function with the access's own size.  With the enable bit clear, or for a
 bus, device or function that does not exist, reads return all-ones and
 writes are dropped.
+
+A byte access at 0xCF9 is not CONFIG_ADDRESS but the chipset's reset control
+register (as on Intel chipsets): it goes to ``PciHost.reset_control`` when the
+machine set one (see kvmkit.chipset).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .config_space import ConfigSpace
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC
 PORT_SIZE = 4                  # each handler covers four ports
+RESET_CONTROL_OFFSET = 1       # 0xCF9, byte-wide: the chipset's reset control register
 MAX_DEVICES = 32
 
 CONFIG_ADDRESS_ENABLE = 1 << 31
@@ -54,10 +59,14 @@ class _AddressPort:
         self._host = host
 
     def read(self, offset: int, size: int) -> int:
+        if offset == RESET_CONTROL_OFFSET and size == 1 and self._host.reset_control is not None:
+            return self._host.reset_control.read(0, 1)
         return (self._host.address >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0 and size == 4:
+        if offset == RESET_CONTROL_OFFSET and size == 1 and self._host.reset_control is not None:
+            self._host.reset_control.write(0, 1, value)
+        elif offset == 0 and size == 4:
             self._host.address = value & CONFIG_ADDRESS_MASK
 
 
@@ -96,6 +105,7 @@ class PciHost:
         self._slots: list = [None] * MAX_DEVICES
         self._slots[0] = self.bridge
         self.address = 0                  # the latched CONFIG_ADDRESS
+        self.reset_control = None         # byte accesses at 0xCF9 (read/write(offset, size[, value]))
         self.address_port = _AddressPort(self)
         self.data_port = _DataPort(self)
 

@@ -78,7 +78,7 @@ def test_xsdt_lists_fadt_and_madt_and_fadt_points_at_dsdt_and_facs():
     assert struct.unpack_from("<I", f, 76)[0] == platform.BASE + platform.PM_TMR
     assert tuple(f[88:92]) == (4, 2, 0, 4)
     space, width, _off, _acc, addr = struct.unpack_from("<BBBBQ", f, 116)
-    assert (space, width, addr, f[128]) == (1, 8, platform.BASE + platform.RESET, platform.RESET_VALUE)
+    assert (space, width, addr, f[128]) == (1, 8, 0xCF9, 0x06)     # the chipset's reset control
     assert struct.unpack_from("<BBBBQ", f, 148)[4] == platform.BASE + platform.PM1_STS
     assert struct.unpack_from("<BBBBQ", f, 172)[4] == platform.BASE + platform.PM1_CNT
     assert struct.unpack_from("<BBBBQ", f, 208)[4] == platform.BASE + platform.PM_TMR
@@ -126,17 +126,16 @@ def test_dsdt_names_the_devices_and_s5():
 
 
 # -- the platform registers ----------------------------------------------------------------
-def test_platform_power_off_reset_and_ospm():
+def test_platform_power_off_and_ospm():
     stops = []
     p = platform.AcpiPlatform(lambda reason, code: stops.append((reason, code)))
     assert p.read(platform.PM1_CNT, 2) & platform.SCI_EN                  # always in ACPI mode
     p.write(platform.PM1_CNT, 2, dsdt.S5_SLP_TYP << 10)                   # no SLP_EN: nothing
     p.write(platform.PM1_CNT, 2, (3 << 10) | platform.SLP_EN)             # S3: not offered
-    p.write(platform.RESET, 1, 0x55)
+    p.write(0x6, 1, 0x01)                   # the old reset register: reserved now
     assert stops == []
     p.write(platform.PM1_CNT, 2, (dsdt.S5_SLP_TYP << 10) | platform.SLP_EN)
-    p.write(platform.RESET, 1, platform.RESET_VALUE)
-    assert stops == [("guest power-off", 0), ("guest reset (ACPI)", 0)]
+    assert stops == [("guest power-off", 0)]
     p.write(platform.PM1_EN, 2, 0x0100)
     assert p.read(platform.PM1_EN, 2) == 0x0100 and p.read(platform.PM1_STS, 2) == 0
     assert p.read(platform.OSPM, 1) == 0

@@ -90,7 +90,8 @@ def test_e820_in_the_zero_page(mem, vmlinux):
     count = zp(mem, 0x1E8, 1)
     entries = [struct.unpack_from("<QQI", mem.read(ZP + 0x2D0 + 20 * i, 20)) for i in range(count)]
     assert entries == [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED),
-                       (0xF0000, 0x10000, E820_RESERVED), (0x100000, 63 * MIB, E820_RAM)]
+                       (0xF0000, 0x10000, E820_RESERVED), (0x100000, 63 * MIB, E820_RAM),
+                       (0xFFFF_F000, 0x1000, E820_RESERVED)]           # the reset vector's page
 
 
 def test_rng_seed_setup_data_node(mem, vmlinux):

@@ -11,6 +11,7 @@ from kvmkit.memory import GuestMemory
 from kvmkit.memory import layout as ram_layout
 
 MIB, GIB = 1 << 20, 1 << 30
+RESET_PAGE = (0xFFFF_F000, 0x1000, E820_RESERVED)      # the reset vector's page (kvmkit.chipset)
 
 
 @pytest.fixture
@@ -24,23 +25,23 @@ def mem():
 def test_e820_256m():
     assert e820_map(ram_layout(256 * MIB)) == [
         (0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED), (0xF0000, 0x10000, E820_RESERVED),
-        (0x100000, 255 * MIB, E820_RAM)]
+        (0x100000, 255 * MIB, E820_RAM), RESET_PAGE]
 
 
 def test_e820_4g_skips_the_pci_hole():
     assert e820_map(ram_layout(4 * GIB)) == [
         (0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED), (0xF0000, 0x10000, E820_RESERVED),
-        (0x100000, 3 * GIB - MIB, E820_RAM), (4 * GIB, 1 * GIB, E820_RAM)]
+        (0x100000, 3 * GIB - MIB, E820_RAM), RESET_PAGE, (4 * GIB, 1 * GIB, E820_RAM)]
 
 
 def test_e820_exactly_3g_has_no_high_region():
-    assert e820_map(ram_layout(3 * GIB))[-1] == (0x100000, 3 * GIB - MIB, E820_RAM)
+    assert e820_map(ram_layout(3 * GIB))[-2:] == [(0x100000, 3 * GIB - MIB, E820_RAM), RESET_PAGE]
 
 
 def test_pack_e820_is_20_bytes_per_entry():
     packed = pack_e820(e820_map(ram_layout(4 * GIB)))
-    assert len(packed) == 5 * 20
-    assert struct.unpack_from("<QQI", packed, 80) == (4 * GIB, GIB, E820_RAM)
+    assert len(packed) == 6 * 20
+    assert struct.unpack_from("<QQI", packed, 100) == (4 * GIB, GIB, E820_RAM)
 
 
 # -- GDT -----------------------------------------------------------------------------------

@@ -37,6 +37,14 @@ def test_a_good_file(tmp_path):
     assert cfg.devices[0].kind == "serial8250"
     assert cfg.devices[0].values == {"port": 0x2F8}
     assert cfg.host_quirks == "auto"
+    assert cfg.stall_timeout == 0                               # the stall watchdog is off
+
+
+def test_stall_timeout_in_seconds(tmp_path):
+    cfg = load_machine(write(tmp_path, "[machine]\nstall_timeout = 90\n[kernel]\nimage='x'"))
+    assert cfg.stall_timeout == 90.0
+    cfg = load_machine(write(tmp_path, "[machine]\nstall_timeout = 2.5\n[kernel]\nimage='x'"))
+    assert cfg.stall_timeout == 2.5
 
 
 @pytest.mark.parametrize("text,message", [
@@ -50,6 +58,9 @@ def test_a_good_file(tmp_path):
     ("[kernel]\nimage='x'\n[[device]]\nport = 1", r"device\[0\]: missing 'kind'"),
     ("[kernel]\nimage='x'\n[machine]\nhost_quirks='maybe'", r"host_quirks: expected one of auto, on, off"),
     ("[kernel]\nimage='x'\nextra=1", r"unknown key 'extra'"),
+    ("[kernel]\nimage='x'\n[machine]\nstall_timeout='1m'",
+     r"m\.toml: \[machine\] stall_timeout: expected a number of seconds \(0 turns the watchdog off\), got '1m'"),
+    ("[kernel]\nimage='x'\n[machine]\nstall_timeout=-1", r"\[machine\] stall_timeout: expected a number"),
     ("[kernel\nimage='x'", r"m\.toml: not valid TOML"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, text, message):
