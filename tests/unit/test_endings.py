@@ -10,7 +10,7 @@ import pytest
 
 from kvmkit import chipset, endings
 from kvmkit.bus import Bus
-from kvmkit.hypervisor._kvm import lib
+from kvmkit.hypervisor._kvm import ffi, lib
 from kvmkit.memory import GuestMemory
 from kvmkit.pci import PciHost
 from kvmkit.plugin_api import EXIT_ERROR, EXIT_GUEST_HALTED, EXIT_OK, EXIT_STALLED
@@ -191,8 +191,11 @@ def fetch_failure(rip, cs_base=0, cr0=0x80000011, page_tables=None):
     raw = struct.pack("<QQ", 0, 0x1000).ljust(128, b"\0")          # no instruction bytes
     internal = SimpleNamespace(suberror=lib.KVM_INTERNAL_ERROR_EMULATION, ndata=6,
                                data=list(struct.unpack("<16Q", raw)))
+    run_buf = memoryview(bytearray(8192))         # the mapped kvm_run, as the exit path reads it
+    struct.pack_into("<I", run_buf, ffi.offsetof("struct kvm_run", "exit_reason"),
+                     lib.KVM_EXIT_INTERNAL_ERROR)
     return NowhereVcpu(index=1, run=SimpleNamespace(exit_reason=lib.KVM_EXIT_INTERNAL_ERROR),
-                       internal=internal, rip=rip, cs_base=cs_base, cr0=cr0,
+                       run_buf=run_buf, internal=internal, rip=rip, cs_base=cs_base, cr0=cr0,
                        page_tables=page_tables if page_tables is not None else {rip: rip})
 
 

@@ -17,6 +17,9 @@ class FakeVcpu:
         self.parked = threading.Event()
         self.exits = {}
         self._parks = parks
+        # what kvmkit status reads of a vCPU thread (endings.vcpu_status)
+        self.vcpu = types.SimpleNamespace(index=0, run=None)
+        self.watch = types.SimpleNamespace(last_reason=None, left_kvm=False)
 
     def kick(self):
         if self._parks:
