@@ -1,0 +1,1 @@
+"""kvmkit plugin: virtio-fs (kind ``virtio-fs``) and its stand-alone FUSE server."""
