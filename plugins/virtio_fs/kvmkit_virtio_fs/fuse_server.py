@@ -610,9 +610,9 @@ class FuseServer:
 
     def _write(self, hdr, args, payload):
         fh, offset, size, *_ = args.struct(p.WRITE_IN)
-        h = self._handle(fh, want_dir=False)
         if size > MAX_WRITE:
             raise p.ProtocolError(f"WRITE of {size} bytes is above max_write")
+        h = self._handle(fh, want_dir=False)
         if payload is not None:
             if sum(len(v) for v in payload) != size:
                 raise p.ProtocolError("WRITE: payload length disagrees with size")
