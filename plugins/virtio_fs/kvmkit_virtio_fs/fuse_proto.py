@@ -125,7 +125,7 @@ FSYNC_FDATASYNC = 1 << 0
 # -- structures -----------------------------------------------------------------------------
 IN_HEADER = struct.Struct("<IIQQIIIHH")        # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")             # len error unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")      # fuse_attr, 88 bytes
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")      # fuse_attr, 88 bytes (times signed, as Linux reads them)
 ENTRY_OUT_HEAD = struct.Struct("<QQQQII")      # nodeid generation entry_valid attr_valid nsecs
 ATTR_OUT_HEAD = struct.Struct("<QII")          # attr_valid attr_valid_nsec dummy
 INIT_IN = struct.Struct("<IIII")               # major minor max_readahead flags (+ flags2 ...)

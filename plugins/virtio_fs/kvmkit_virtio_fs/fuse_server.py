@@ -170,7 +170,8 @@ class FuseServer:
         self.initialized = False
         self.minor = 0
         self.requests = 0
-        self.errors = 0
+        self.errors = 0                 # requests that did not parse
+        self.failures = 0               # unexpected exceptions (server bugs), answered EIO
         self._reset_tables()
         self._ops = {
             p.INIT: self._init, p.DESTROY: self._destroy, p.LOOKUP: self._lookup,
@@ -350,7 +351,7 @@ class FuseServer:
             err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO
             return None if hdr.opcode in p.NO_REPLY else Reply(hdr.unique, err)
         except Exception:                   # a server bug must not take the device down
-            self.errors += 1
+            self.failures += 1
             self.log.exception("fuse: %s failed", hdr.name)
             return None if hdr.opcode in p.NO_REPLY else Reply(hdr.unique, errno.EIO)
         if hdr.opcode in p.NO_REPLY:
@@ -423,6 +424,7 @@ class FuseServer:
 
     def _mknod(self, hdr, args):
         mode, _rdev, _umask, _ = args.struct(p.MKNOD_IN)
+        mode &= 0o177777
         name = self._check_name(args.name())
         parent = self._inode(hdr.nodeid)
         fmt = stat.S_IFMT(mode)
@@ -435,6 +437,7 @@ class FuseServer:
 
     def _mkdir(self, hdr, args):
         mode, _umask = args.struct(p.MKDIR_IN)
+        mode &= 0o7777
         name = self._check_name(args.name())
         parent = self._inode(hdr.nodeid)
         os.mkdir(name, mode & 0o7777, dir_fd=parent.fd)
@@ -761,8 +764,8 @@ class FuseServer:
     def _listxattr(self, hdr, args):
         size, _ = args.struct(p.GETXATTR_IN)
         path = self._xattr_target(hdr)
-        names = b"".join(n.encode() + b"\0" for n in os.listxattr(path)
-                         if n.encode().startswith(XATTR_PREFIX))
+        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path)
+                         if os.fsencode(n).startswith(XATTR_PREFIX))
         if size == 0:
             return p.GETXATTR_OUT.pack(len(names), 0)
         if len(names) > size:
