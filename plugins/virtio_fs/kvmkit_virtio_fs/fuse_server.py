@@ -529,10 +529,8 @@ class FuseServer:
                 if valid & set_bit:
                     return (sec, min(nsec, 999_999_999))
                 return (0, hostfs.UTIME_OMIT)
-            if not is_link:
-                hostfs.utimens(_proc(ino.fd).encode(),
-                               when(p.FATTR_ATIME, p.FATTR_ATIME_NOW, atime, atimensec),
-                               when(p.FATTR_MTIME, p.FATTR_MTIME_NOW, mtime, mtimensec))
+            hostfs.utimens(ino.fd, when(p.FATTR_ATIME, p.FATTR_ATIME_NOW, atime, atimensec),
+                           when(p.FATTR_MTIME, p.FATTR_MTIME_NOW, mtime, mtimensec))
         return self._attr_out(os.fstat(ino.fd))
 
     def _access(self, hdr, args):

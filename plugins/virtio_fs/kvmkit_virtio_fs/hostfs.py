@@ -111,11 +111,12 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
                           AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
 
 
-def utimens(path: bytes, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
-    """utimensat(AT_FDCWD, path, ...) with (sec, nsec) pairs; nsec may be
-    UTIME_NOW or UTIME_OMIT."""
+def utimens(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+    """utimensat(fd, "", ..., AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) on an
+    O_PATH descriptor (a symlink's own times too) with (sec, nsec) pairs;
+    nsec may be UTIME_NOW or UTIME_OMIT."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
-    _check(_libc.utimensat(AT_FDCWD, path, times, 0), "utimensat", path)
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
