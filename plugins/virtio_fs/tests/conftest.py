@@ -82,3 +82,14 @@ def mount(tmp_path):
         server.close()
     if errors:
         raise errors[0]
+
+
+def pytest_kvmkit_contract_configs(kind, tmp_path):
+    if kind != "virtio-fs":
+        return None
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "file").write_text("contract")
+    (tmp_path / "ro").mkdir()
+    return [{"path": "share"},
+            {"path": "ro", "readonly": True, "tag": "contract-ro", "cache": "never"},
+            {"path": "share", "xattr": True, "request_queues": 2, "cache": "always"}]
