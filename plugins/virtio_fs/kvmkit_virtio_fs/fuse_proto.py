@@ -222,12 +222,16 @@ class Args:
     """The argument bytes after the header, consumed front to back; every
     read is bounds-checked (ProtocolError when the request is too short)."""
 
-    __slots__ = ("buf", "pos", "opname")
+    __slots__ = ("buf", "pos", "opcode")
 
-    def __init__(self, buf, opname: str = "request") -> None:
+    def __init__(self, buf, opcode: int = 0) -> None:
         self.buf = memoryview(buf)
         self.pos = 0
-        self.opname = opname
+        self.opcode = opcode
+
+    @property
+    def opname(self) -> str:                # only for error messages: not on the fast path
+        return OPCODE_NAMES.get(self.opcode, f"opcode {self.opcode}")
 
     @property
     def remaining(self) -> int:

@@ -336,7 +336,7 @@ class FuseServer:
                 raise OSError(errno.EIO, f"{hdr.name} before INIT")
             if self.readonly and hdr.opcode in MUTATING:
                 raise OSError(errno.EROFS, "read-only share")
-            args = p.Args(memoryview(raw)[p.IN_HEADER.size:], hdr.name)
+            args = p.Args(memoryview(raw)[p.IN_HEADER.size:], hdr.opcode)
             if hdr.opcode == p.WRITE:
                 result = op(hdr, args, payload)
             elif hdr.opcode == p.READ:
