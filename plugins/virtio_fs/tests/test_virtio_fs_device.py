@@ -11,6 +11,7 @@ import pytest
 from fuseclient import Client
 from kvmkit.memory import GuestMemory
 from kvmkit.testing import VirtioTestDriver
+from kvmkit.virtio.backends import resolve
 from kvmkit_virtio_fs import fuse_proto as p
 from kvmkit_virtio_fs.fs import MAX_REQUEST, TAG_BYTES, VirtioFs
 from kvmkit_virtio_fs.fuse_server import FuseServer
@@ -20,11 +21,20 @@ ROOT = p.ROOT_ID
 
 
 class Guest:
-    """The guest driver: FUSE requests on request queue 1 (or hiprio 0)."""
+    """The guest driver: FUSE requests on request queue 1 (or hiprio 0).
+    ``queues="native"`` gives the device kvmkit-native's queues (parsed in C)
+    over the same rings."""
 
-    def __init__(self, dev, **kw):
+    def __init__(self, dev, queues: str = "python", **kw):
         self.mem = GuestMemory(MEM, backing=bytearray(MEM))
         self.drv = VirtioTestDriver(dev, self.mem, buffers_at=1 << 20, **kw)
+        if queues != "python":
+            pytest.importorskip("kvmkit_native", reason="kvmkit-native is not installed")
+            backend = resolve(queues, "test")
+            ev, ind = (bool(self.drv.features >> b & 1) for b in (29, 28))
+            native = [backend.split_queue(self.mem, q.size, *q.addresses, event_idx=ev,
+                                          indirect=ind) for q in self.drv.queues]
+            dev.activate(native, self.drv.features)
         self.dev = dev
         self.split = None               # split readable/writable into pieces of this size
 
@@ -50,10 +60,10 @@ def share(tmp_path):
     return d
 
 
-@pytest.fixture
-def guest(share):
+@pytest.fixture(params=["python", "native"])
+def guest(share, request):
     dev = VirtioFs(FuseServer(share, xattr=True), "myshare")
-    g = Guest(dev)
+    g = Guest(dev, queues=request.param)
     g.client = Client(g.send)
     g.client.init()
     yield g
