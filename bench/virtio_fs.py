@@ -25,7 +25,7 @@ numbers are CPU cost per request, not disk speed):
 Needs root (mount(2)) and /dev/fuse.
 
     sudo .venv/bin/python bench/virtio_fs.py [--size 256] [--count 20000] [--files 10000]
-                                             [--tree-files 20000] [--dir /var/tmp] [--quick]
+                                             [--tree-files 8000] [--dir /var/tmp] [--quick]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from pathlib import Path
 
 from kvmkit_virtio_fs.fuse_dev import FuseMount, MountError
 from kvmkit_virtio_fs.fuse_server import FuseServer
+from kvmkit_virtio_fs.hostfs import raise_fd_limit
 
 from machine_info import describe  # bench/ is on sys.path when run as a script
 
@@ -189,7 +190,7 @@ def run(args) -> list[tuple[str, float, float, str]]:
         t_plain = timed(["tar", "-C", str(plain / "untar"), "-xf", str(tar)])
         shutil.rmtree(plain / "untar")
         (plain / "untar2").mkdir()
-        with Mounted(plain, mnt, max_inodes=4 * members + 1024):
+        with Mounted(plain, mnt, max_inodes=2 * members + 1024):
             t_fuse = timed(["tar", "-C", str(mnt / "untar2"), "-xf", str(tar)])
         rows.append((f"untar {members} entries ({tar.stat().st_size >> 20} MiB)", t_plain, t_fuse,
                      f"{members / t_fuse:.0f} entries/s"))
@@ -203,13 +204,15 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="MiB for the sequential cases")
     ap.add_argument("--count", type=int, default=20000, help="4 KiB random reads")
     ap.add_argument("--files", type=int, default=10000, help="files to stat")
-    ap.add_argument("--tree-files", type=int, default=20000, help="files in the untar case")
+    ap.add_argument("--tree-files", type=int, default=8000,
+                    help="files in the untar case (each needs an open descriptor in the server)")
     ap.add_argument("--dir", default="/var/tmp", help="where the plain directory lives")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     args = ap.parse_args()
     if args.quick:
         args.size, args.count, args.files, args.tree_files = 8, 500, 300, 200
     print(describe())
+    raise_fd_limit(4 * args.tree_files + 65536)     # an O_PATH descriptor per inode
     try:
         rows = run(args)
     except MountError as e:

@@ -143,7 +143,7 @@ class FuseServer:
     """
 
     def __init__(self, root: str | os.PathLike, *, readonly: bool = False, cache: str = "auto",
-                 xattr: bool = False, max_inodes: int = 65536, max_handles: int = 4096,
+                 xattr: bool = False, max_inodes: int = 262144, max_handles: int = 4096,
                  log: logging.Logger | None = None):
         if cache not in _CACHE:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")

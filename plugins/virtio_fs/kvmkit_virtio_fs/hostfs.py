@@ -10,7 +10,7 @@ import errno
 import os
 import struct
 
-__all__ = ["openat2_beneath", "getdents", "renameat2", "fchown_empty", "utimens",
+__all__ = ["raise_fd_limit", "openat2_beneath", "getdents", "renameat2", "fchown_empty", "utimens",
            "fallocate", "UTIME_NOW", "UTIME_OMIT", "HAVE_OPENAT2"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -122,3 +122,29 @@ def utimens(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Lift RLIMIT_NOFILE toward ``wanted`` descriptors (the server holds an
+    O_PATH descriptor per inode the client knows): the soft limit up to the
+    hard one, and the hard one too where the process may (CAP_SYS_RESOURCE),
+    up to /proc/sys/fs/nr_open.  Returns the soft limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft == inf or soft >= wanted:
+        return wanted if soft == inf else soft
+    if hard != inf and hard < wanted:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+        except (OSError, ValueError):
+            ceiling = hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, ceiling),) * 2)
+            return min(wanted, ceiling)
+        except (ValueError, OSError):
+            pass
+    target = wanted if hard == inf else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target

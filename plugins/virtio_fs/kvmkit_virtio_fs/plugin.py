@@ -10,6 +10,7 @@ from kvmkit.plugin_api import (QUEUE_KEY, DeviceConfig, DeviceContext, DeviceErr
                                DeviceSpec, Key)
 
 from .fs import TAG_BYTES, VirtioFs
+from .hostfs import raise_fd_limit
 from .fuse_server import CACHE_MODES, FuseServer
 
 KIND = "virtio-fs"
@@ -31,8 +32,9 @@ SPEC = DeviceSpec(
             "(only for trees nothing else changes)", choices=CACHE_MODES),
         Key("xattr", bool, False, "serve extended attributes (the user.* namespace only)"),
         Key("request_queues", int, 1, "number of request queues", min=1, max=16),
-        Key("max_inodes", int, 65536,
-            "most host files the guest may hold at once (each holds an O_PATH descriptor)",
+        Key("max_inodes", int, 262144,
+            "most host files the guest may know at once (each holds an O_PATH descriptor: "
+            "kvmkit raises its open-file limit to fit)",
             min=16, max=1 << 22),
         Key("max_open_files", int, 4096, "most files and directories the guest may have open",
             min=16, max=1 << 20),
@@ -62,16 +64,6 @@ def check_tag(tag: str, where: str) -> str:
     return tag
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    """Each inode the guest holds is an O_PATH descriptor: lift the soft
-    RLIMIT_NOFILE toward the hard limit so max_inodes can be reached."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioFs:
     where = config.where or ctx.name
     path = Path(config["path"])
@@ -80,10 +72,16 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioFs:
                           "(virtio-fs shares a host directory)")
     tag = config["tag"]
     tag = default_tag(path) if tag is None else check_tag(tag, where)
+    wanted = config["max_inodes"] + config["max_open_files"] + 1024
     try:
-        _raise_fd_limit(config["max_inodes"] + config["max_open_files"] + 1024)
+        got = raise_fd_limit(wanted)
     except (ValueError, OSError) as e:
+        got = 0
         ctx.log.warning("%s: could not raise the open-file limit (%s)", ctx.name, e)
+    if got < wanted:
+        ctx.log.warning("%s: the open-file limit (%d) is below max_inodes + max_open_files: "
+                        "the guest may see EMFILE before the tables are full (raise "
+                        "`ulimit -n` or lower max_inodes)", ctx.name, got)
     try:
         server = FuseServer(path, readonly=config["readonly"], cache=config["cache"],
                             xattr=config["xattr"], max_inodes=config["max_inodes"],
