@@ -56,22 +56,22 @@ def default_tag(path: Path) -> str:
     return f"{name[:TAG_BYTES - 9]}~{digest[:8]}"
 
 
-def check_tag(tag: str, where: str) -> str:
+def check_tag(tag: str) -> str:
     raw = tag.encode("utf-8")
     if not raw or len(raw) > TAG_BYTES or "\0" in tag:
-        raise DeviceError(f"{where}: tag {tag!r} must be 1-{TAG_BYTES} bytes without NUL "
+        raise DeviceError(f"tag {tag!r} must be 1-{TAG_BYTES} bytes without NUL "
                           f"(it is {len(raw)})")
     return tag
 
 
 def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioFs:
-    where = config.where or ctx.name
+    # DeviceError messages name the key; the core prefixes the file and table.
     path = Path(config["path"])
     if not path.is_dir():
-        raise DeviceError(f"{where}: path {str(path)!r} is not a directory "
+        raise DeviceError(f"path {str(path)!r} is not a directory "
                           "(virtio-fs shares a host directory)")
     tag = config["tag"]
-    tag = default_tag(path) if tag is None else check_tag(tag, where)
+    tag = default_tag(path) if tag is None else check_tag(tag)
     wanted = config["max_inodes"] + config["max_open_files"] + 1024
     try:
         got = raise_fd_limit(wanted)
@@ -87,7 +87,7 @@ def factory(config: DeviceConfig, ctx: DeviceContext) -> VirtioFs:
                             xattr=config["xattr"], max_inodes=config["max_inodes"],
                             max_handles=config["max_open_files"], log=ctx.log)
     except OSError as e:
-        raise DeviceError(f"{where}: path {str(path)!r}: {e.strerror}") from None
+        raise DeviceError(f"path {str(path)!r}: {e.strerror}") from None
     try:
         model = VirtioFs(server, tag, request_queues=config["request_queues"], log=ctx.log)
         ctx.add_virtio(model, queue=config["queue"])
