@@ -46,7 +46,7 @@ INSTALLED = {folder: v for folder, v in PROJECTS.items() if _installed(v[0])}
 
 def test_the_repository_plugins_are_found():
     assert {"plugins/rtc", "plugins/rtc_fixed", "plugins/serial8250", "plugins/i8042",
-            "plugins/virtio_blk", "examples/virtio_rng"} <= set(PROJECTS)
+            "plugins/virtio_blk", "plugins/virtio_fs", "examples/virtio_rng"} <= set(PROJECTS)
     assert PROJECTS["plugins/rtc_fixed"] == ("kvmkit-rtc-fixed", ["rtc-fixed"])
 
 
