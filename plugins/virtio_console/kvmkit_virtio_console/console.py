@@ -254,6 +254,11 @@ class VirtioConsole(VirtioDevice):
                 if self.control_errors <= 8:
                     self.log.warning("control queue: %s", e)
                 continue
+            if msg.event == mp.PORT_OPEN:         # -v shows the guest's progress, with times
+                self.log.info("port %s: %s by the guest", self.ports[msg.id].setup.name or "hvc0",
+                              "opened" if msg.value else "closed")
+            elif msg.event == mp.DEVICE_READY:
+                self.log.info("driver ready")
             if msg.event in (mp.PORT_OPEN, mp.PORT_READY) and self.ports[msg.id].pending:
                 self.wake(rx_index(msg.id))                   # input that waited for a reader
 
