@@ -9,7 +9,7 @@ transport, byte for byte.
 
 The exchange with a Linux driver:
 
-    driver  DEVICE_READY(1)          ->
+    driver  DEVICE_READY(1)          ->  (Linux's id: VIRTIO_CONSOLE_BAD_ID, ~0)
             <- PORT_ADD(id)           for every port
     driver  PORT_READY(id, 1)        ->
             <- CONSOLE_PORT(id, 1)    the port becomes hvc<n>
@@ -116,7 +116,7 @@ class Multiport:
         self.guest_open.clear()
 
     def receive(self, msg: Message) -> list[Message]:
-        if msg.event == DEVICE_READY and msg.id == 0:
+        if msg.event == DEVICE_READY:                   # Linux sends it with id 0xffffffff
             if msg.value != 1:
                 raise ProtocolError("the driver failed to set up the device (DEVICE_READY 0)")
             if self.device_ready:

@@ -31,6 +31,11 @@ def test_linux_start_up_sequence():
     assert p.receive(Message(1, mp.PORT_OPEN, 0)) == [] and 1 not in p.guest_open
 
 
+def test_device_ready_with_linux_bad_id():
+    # Linux sends DEVICE_READY with id VIRTIO_CONSOLE_BAD_ID (~0): no port is meant.
+    assert len(proto().receive(Message(0xFFFFFFFF, mp.DEVICE_READY, 1))) == 3
+
+
 def test_repeats_are_answered_once():
     p = proto()
     p.receive(Message(0, mp.DEVICE_READY, 1))
