@@ -15,6 +15,8 @@
  *   tty=1                        run on /dev/hvc0 as a controlling terminal
  *   tmpfs=PATH (repeated)        an empty tmpfs over PATH
  *   rwdir=TAG:PATH (repeated)    mount the virtio-fs TAG read-write on PATH
+ *   rodir=TAG:PATH (repeated)    mount the virtio-fs TAG read-only on PATH (a host
+ *                                directory the guest's /tmp tmpfs would hide)
  *   overlay=PATH (repeated)      PATH writable, writes kept in guest memory
  *   hostname=NAME
  * Status: "exit N\n", "signal N\n" or "error TEXT\n".
@@ -279,13 +281,13 @@ int main(void)
 			mount_or_fail("tmpfs", val, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 		else if (!strcmp(rec, "overlay"))
 			overlay(val, overlays++);
-		else if (!strcmp(rec, "rwdir")) {
+		else if (!strcmp(rec, "rwdir") || !strcmp(rec, "rodir")) {
 			char *path = strchr(val, ':');
 			if (!path)
-				fail("rwdir record without TAG:PATH: %.60s", val);
+				fail("%s record without TAG:PATH: %.60s", rec, val);
 			*path++ = 0;
 			mkdirs(path);                      /* under a guest tmpfs it is not there yet */
-			mount_or_fail(val, path, "virtiofs", 0, NULL);
+			mount_or_fail(val, path, "virtiofs", rec[1] == 'o' ? MS_RDONLY : 0, NULL);
 		} else
 			fail("unknown job record %.60s", rec);
 	}

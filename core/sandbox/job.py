@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import PurePosixPath
 
 __all__ = ["Job", "Outcome", "parse_status", "EXIT_TIMEOUT", "EXIT_SANDBOX_ERROR",
            "EXIT_GUEST_PANIC", "EXIT_SIGNAL_BASE"]
@@ -27,6 +28,7 @@ class Job:
     tty: bool = False
     tmpfs: list[str] = dataclasses.field(default_factory=list)
     rwdirs: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (tag, path)
+    rodirs: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (tag, path)
     overlays: list[str] = dataclasses.field(default_factory=list)
     hostname: str = "kvmkit"
 
@@ -35,8 +37,12 @@ class Job:
                    ("groups", ",".join(map(str, self.groups))), ("cwd", self.cwd),
                    ("hostname", self.hostname)]
         records += [("tmpfs", p) for p in self.tmpfs]
-        records += [("rwdir", f"{tag}:{path}") for tag, path in self.rwdirs]
-        records += [("overlay", p) for p in self.overlays]
+        # Parents before children; on one path: the share, then the overlay on it.
+        mounts = [(path, 0, "rodir", f"{tag}:{path}") for tag, path in self.rodirs]
+        mounts += [(path, 1, "overlay", path) for path in self.overlays]
+        mounts += [(path, 2, "rwdir", f"{tag}:{path}") for tag, path in self.rwdirs]
+        mounts.sort(key=lambda m: (PurePosixPath(m[0]).parts, m[1]))
+        records += [(key, value) for _, _, key, value in mounts]
         if self.tty:
             records.append(("tty", "1"))
         records += [("env", f"{k}={v}") for k, v in self.env.items()]

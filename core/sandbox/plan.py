@@ -24,6 +24,7 @@ __all__ = ["Options", "Plan", "make_plan", "default_memory", "default_vcpus", "R
 ROOT_TAG = "kvmkit-root"
 PORTS = ("org.kvmkit.job", "org.kvmkit.status", "org.kvmkit.stdin", "org.kvmkit.stdout",
          "org.kvmkit.stderr")
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev")   # the guest's own: host content hidden
 MAX_VCPUS = 8                      # the kit's kernels have NR_CPUS=8; more only slows start-up
 MIN_MEMORY = 256 << 20
 MAX_MEMORY = 2 << 30
@@ -80,6 +81,24 @@ def _host_dir(text: str, flag: str, cwd: Path) -> str:
     return str(path)
 
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def hidden_dirs(cwd: str, rwdirs: list[str], overlays: list[str]) -> list[str]:
+    """Host directories the guest must see that its own tmpfs would hide: the
+    working directory and overlay lower layers under /tmp, /var/tmp, /run,
+    /dev (each gets a read-only share of its own; an --rwdir shows itself)."""
+    out: list[str] = []
+    for path in [cwd, *overlays]:
+        if not any(_under(path, t) for t in GUEST_TMPFS):
+            continue
+        if any(_under(path, d) for d in rwdirs + out):
+            continue
+        out = [d for d in out if not _under(d, path)] + [path]
+    return out
+
+
 def make_plan(opts: Options, init: Path) -> Plan:
     rwdirs = [_host_dir(d, "--rwdir", opts.cwd) for d in opts.rwdirs]
     overlays = [_host_dir(d, "--overlay-rwdir", opts.cwd) for d in opts.overlay_rwdirs]
@@ -87,9 +106,12 @@ def make_plan(opts: Options, init: Path) -> Plan:
         if d == "/":
             raise ConfigError("--rwdir / and --overlay-rwdir /: use --rw for a writable root")
     interactive = not opts.argv
-    job = Job(argv=list(opts.argv), cwd=str(opts.cwd.resolve()),
+    cwd = str(opts.cwd.resolve())
+    rodirs = hidden_dirs(cwd, rwdirs, overlays)
+    job = Job(argv=list(opts.argv), cwd=cwd,
               env=dict(os.environ if opts.env is None else opts.env), tty=interactive,
-              rwdirs=[(f"kvmkit-rw{i}", d) for i, d in enumerate(rwdirs)], overlays=overlays)
+              rwdirs=[(f"kvmkit-rw{i}", d) for i, d in enumerate(rwdirs)],
+              rodirs=[(f"kvmkit-ro{i}", d) for i, d in enumerate(rodirs)], overlays=overlays)
     try:
         job_bytes = job.encode()
     except ValueError as e:
@@ -111,6 +133,8 @@ def make_plan(opts: Options, init: Path) -> Plan:
     devices = [console, {"kind": "virtio-fs", "path": "/", "tag": ROOT_TAG, "readonly": not opts.rw}]
     devices += [{"kind": "virtio-fs", "path": d, "tag": f"kvmkit-rw{i}"}
                 for i, d in enumerate(rwdirs)]
+    devices += [{"kind": "virtio-fs", "path": d, "tag": f"kvmkit-ro{i}", "readonly": True}
+                for i, d in enumerate(rodirs)]
     devices += [{"kind": "pvpanic"}, {"kind": "i8042"}, {"kind": "rtc"}]
     flagged = {d["kind"] for d in opts.devices}
     devices = [d for d in devices if d["kind"] not in flagged or d["kind"] == "virtio-fs"]

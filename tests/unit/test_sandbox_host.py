@@ -36,7 +36,7 @@ def test_job_records():
     records = j.encode().split(b"\0")
     assert records[-1] == b""
     assert records[:-1] == [b"uid=1000", b"gid=100", b"groups=100,27", b"cwd=/src",
-                            b"hostname=kvmkit", b"rwdir=kvmkit-rw0:/src/out", b"overlay=/etc",
+                            b"hostname=kvmkit", b"overlay=/etc", b"rwdir=kvmkit-rw0:/src/out",
                             b"env=A=1", b"arg=sh", b"arg=-c", "arg=echo é".encode()]
     assert b"tty=1" in job.Job(argv=[], cwd="/", env={}, tty=True).encode()
     with pytest.raises(ValueError, match="NUL"):
@@ -71,8 +71,10 @@ def test_plan_for_a_command(tmp_path):
                                             "rootfstype=virtiofs", "root=kvmkit-root", "ro",
                                             "init=/opt/init"]
         kinds = [d.kind for d in c.devices]
-        assert kinds == ["virtio-console", "virtio-fs", "virtio-fs", "pvpanic", "i8042", "rtc"]
-        console, root, rw = (d.values for d in c.devices[:3])
+        assert kinds == ["virtio-console", "virtio-fs", "virtio-fs", "virtio-fs", "pvpanic",
+                         "i8042", "rtc"]
+        console, root, rw, ro = (d.values for d in c.devices[:4])
+        assert (ro["path"], ro["readonly"]) == (str(tmp_path), True)      # under the guest's /tmp
         assert console["backend"] == "file" and console["path"] == str(p.console_log)
         assert [x.split("=")[0] for x in console["ports"]] == list(plan.PORTS)
         assert "org.kvmkit.stdin=none" in console["ports"]
@@ -80,7 +82,10 @@ def test_plan_for_a_command(tmp_path):
         assert (rw["path"], rw["tag"]) == (str(tmp_path / "out"), "kvmkit-rw0")
         records = (p.run_dir / "job").read_bytes().split(b"\0")
         assert f"rwdir=kvmkit-rw0:{tmp_path / 'out'}".encode() in records
-        assert f"overlay={tmp_path}".encode() in records and b"arg=true" in records
+        mounts = [r for r in records if r.split(b"=")[0] in (b"rodir", b"overlay", b"rwdir")]
+        assert mounts == [f"rodir=kvmkit-ro0:{tmp_path}".encode(), f"overlay={tmp_path}".encode(),
+                          f"rwdir=kvmkit-rw0:{tmp_path / 'out'}".encode()]
+        assert b"arg=true" in records
         assert f"cwd={tmp_path}".encode() in records and b"env=PATH=/bin" in records
     finally:
         p.cleanup()
@@ -184,3 +189,24 @@ def test_sandbox_bad_input_is_one_line_and_125(tmp_path, capsys, monkeypatch):
 def test_run_rejects_host_root_flags_with_a_kernel(tmp_path, capsys):
     assert main(["run", "--kernel", "k", "--rwdir", "."]) == 2
     assert "host-root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cwd, rwdirs, overlays, expected", [
+    ("/home/u/src", [], [], []),                                   # visible through the root
+    ("/tmp/build", [], [], ["/tmp/build"]),                        # hidden by the guest's /tmp
+    ("/tmp/build/sub", ["/tmp/build"], [], []),                    # an --rwdir shows it
+    ("/tmp/a/b", [], ["/tmp/a"], ["/tmp/a"]),                      # one share for both
+    ("/var/tmp/x", [], ["/home/u/etc"], ["/var/tmp/x"]),
+])
+def test_directories_the_guest_tmpfs_would_hide_get_their_own_share(cwd, rwdirs, overlays, expected):
+    assert plan.hidden_dirs(cwd, rwdirs, overlays) == expected
+
+
+def test_a_working_directory_under_tmp_is_shared_read_only(tmp_path):
+    p = make(tmp_path)                                             # pytest's tmp_path is under /tmp
+    try:
+        share = p.config.devices[2].values
+        assert (share["path"], share["tag"], share["readonly"]) == (str(tmp_path), "kvmkit-ro0", True)
+        assert f"rodir=kvmkit-ro0:{tmp_path}".encode() in (p.run_dir / "job").read_bytes().split(b"\0")
+    finally:
+        p.cleanup()
