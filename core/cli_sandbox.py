@@ -86,6 +86,10 @@ def cmd_sandbox(args) -> int:
             return EXIT_SANDBOX_ERROR
         argv = ["/bin/sh", "-c", text, str(script.absolute()), *argv]
     forward = args.stdin if args.stdin is not None else _isatty(0)
+    if not args.verbose and not args.debug:
+        # stderr is the command's: the one-time notice about nested-KVM assists
+        # would read as its output (-v shows it).
+        logging.getLogger("kvmkit.host_quirks").setLevel(logging.ERROR)
     return run_host_root(args, argv, forward_stdin=forward, timeout=args.timeout)
 
 

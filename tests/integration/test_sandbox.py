@@ -7,14 +7,13 @@ minute or more on the nested host.  The init is built into a tmp cache."""
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from guest import KVMKIT
+from guest import KVMKIT, kit
 
 pytestmark = pytest.mark.kvm
 
@@ -25,7 +24,7 @@ echo "id $(id -u):$(id -g) pwd $(pwd)"
 echo kept > "$1/kept.txt"
 echo lost > "$2/lost.txt" && echo "overlay write ok: $(cat "$2/lost.txt")"
 echo "overlay lower: $(cat "$2/host.txt")"
-if echo nope > "$3/nope.txt" 2>/dev/null; then echo "ro write succeeded"; else echo "ro write refused"; fi
+if (echo nope > "$3/nope.txt") 2>/dev/null; then echo "ro write succeeded"; else echo "ro write refused"; fi
 exit 7
 """
 
@@ -40,7 +39,19 @@ def _recipe(kit_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def sandbox(guest_kit, on_pvm_host, tmp_path_factory):
+def small_kernel():
+    """Only the small kernel: the rest of the kit is not needed here."""
+    from conftest import _need
+    _need(os.access("/dev/kvm", os.R_OK | os.W_OK), "/dev/kvm is not usable here")
+    k = kit()
+    _need(bool(k.get("SMALL_VMLINUX")) and k["SMALL_VMLINUX"].exists(),
+          "the guest kit's small kernel is not built: run guest/build-kit")
+    return k
+
+
+@pytest.fixture(scope="module")
+def sandbox(small_kernel, on_pvm_host, tmp_path_factory):
+    guest_kit = small_kernel
     if on_pvm_host and _recipe(Path(guest_kit["KVMKIT_CACHE"])) < 2:
         pytest.skip("guest userspace needs the kit's recipe-2 kernels on this nested host")
     d = tmp_path_factory.mktemp("sandbox")

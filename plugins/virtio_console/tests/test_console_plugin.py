@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit.plugin_api import DeviceError
-from kvmkit.testing import FakeContext, config, plugin_manager
+from kvmkit.testing import FakeContext, config
 from kvmkit_virtio_console import backends
 from kvmkit_virtio_console import multiport as mp
 from kvmkit_virtio_console.console import CONTROL_RX, CONTROL_TX, rx_index, tx_index
