@@ -1,5 +1,6 @@
 """kvmkit sandbox's host side without a VM: finding the kernel, the job the
 init reads, the status it reports, the machine it gets, building the init."""
+import logging
 import os
 import struct
 import subprocess
@@ -210,3 +211,13 @@ def test_a_working_directory_under_tmp_is_shared_read_only(tmp_path):
         assert f"rodir=kvmkit-ro0:{tmp_path}".encode() in (p.run_dir / "job").read_bytes().split(b"\0")
     finally:
         p.cleanup()
+
+
+@pytest.mark.parametrize("flags, level", [([], logging.ERROR), (["-v"], logging.NOTSET)])
+def test_the_nested_kvm_notice_stays_off_the_commands_stderr(monkeypatch, flags, level):
+    import kvmkit.cli_sandbox as cs
+    logger = logging.getLogger("kvmkit.host_quirks")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr(cs, "run_host_root", lambda args, argv, **kw: 0)
+    assert main([*flags, "sandbox", "--", "true"]) == 0
+    assert logger.level == level
