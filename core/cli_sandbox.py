@@ -163,7 +163,12 @@ def _log_tail(plan, lines: int = 12) -> str:
         text = plan.console_log.read_text(errors="replace")
     except OSError:
         return ""
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    text_lines = [line for line in text.splitlines() if line.strip()]
+    panic = [i for i, line in enumerate(text_lines) if "Kernel panic - not syncing" in line]
+    if panic:                       # the reason, then the end of the stack dump after it
+        tail = [text_lines[panic[0]]] + text_lines[panic[0] + 1:][-(lines - 1):]
+    else:
+        tail = text_lines[-lines:]
     return ("; the guest console's last lines:\n" + "\n".join(tail)) if tail else ""
 
 

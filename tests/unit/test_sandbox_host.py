@@ -166,10 +166,14 @@ def test_exit_status_mapping(tmp_path, capsys, status, code, reason, expected):
                     code, reason) == expected
 
 
-def test_panic_shows_the_console_tail(tmp_path, capsys):
-    _outcome(FakePlan(tmp_path, "", "line1\nKernel panic - not syncing: Attempted to kill init!\n"),
+def test_panic_shows_the_reason_and_the_console_tail(tmp_path, capsys):
+    # As the first panic boot printed it: the reason, then a stack dump longer than the tail.
+    trace = "".join(f"[ 80.96] ? frame{i}+0x1/0x2\n" for i in range(30))
+    _outcome(FakePlan(tmp_path, "", "line1\n[ 80.95] Kernel panic - not syncing: Attempted to "
+                      "kill init! exitcode=0x00000100\n" + trace + "[ 80.97]  </TASK>\n"),
              EXIT_GUEST_PANIC, "guest kernel panicked (pvpanic)")
-    assert "Attempted to kill init" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Attempted to kill init" in err and "</TASK>" in err and "line1" not in err
 
 
 def test_sandbox_flags_and_command_after_dashes():
