@@ -30,6 +30,19 @@ MIN_MEMORY = 256 << 20
 MAX_MEMORY = 2 << 30
 
 
+def fs_limits(shares: int) -> dict:
+    """virtio-fs table sizes that fit every share within the open-file limit
+    kvmkit can raise itself to (each known inode holds a descriptor), so no
+    share warns on stderr, which is the command's."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    per = max((hard - 512) // max(shares, 1), 2048)
+    open_files = min(4096, max(16, per // 8))
+    return {"max_inodes": min(262144, max(16, per - open_files - 1024)),
+            "max_open_files": open_files}
+
+
 def default_vcpus() -> int:
     return max(1, min(os.cpu_count() or 1, MAX_VCPUS))
 
@@ -136,6 +149,9 @@ def make_plan(opts: Options, init: Path) -> Plan:
     devices += [{"kind": "virtio-fs", "path": d, "tag": f"kvmkit-ro{i}", "readonly": True}
                 for i, d in enumerate(rodirs)]
     devices += [{"kind": "pvpanic"}, {"kind": "i8042"}, {"kind": "rtc"}]
+    shares = [d for d in devices if d["kind"] == "virtio-fs"]
+    for d in shares:
+        d.update(fs_limits(len(shares)))
     flagged = {d["kind"] for d in opts.devices}
     devices = [d for d in devices if d["kind"] not in flagged or d["kind"] == "virtio-fs"]
     devices += opts.devices

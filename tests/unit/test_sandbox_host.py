@@ -225,3 +225,18 @@ def test_the_nested_kvm_notice_stays_off_the_commands_stderr(monkeypatch, flags,
     monkeypatch.setattr(cs, "run_host_root", lambda args, argv, **kw: 0)
     assert main([*flags, "sandbox", "--", "true"]) == 0
     assert logger.level == level
+
+
+def test_shares_fit_the_open_file_limit_so_nothing_warns_on_stderr(tmp_path):
+    # Seen on a boot: two shares at the default sizes each warned that the
+    # open-file limit (20000) was too low, on the command's stderr.
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    p = make(tmp_path / "..")                   # cwd under /tmp: root + a read-only share
+    try:
+        shares = [d.values for d in p.config.devices if d.kind == "virtio-fs"]
+        assert len(shares) == 2
+        total = sum(s["max_inodes"] + s["max_open_files"] + 1024 for s in shares)
+        assert total <= hard or hard == resource.RLIM_INFINITY
+    finally:
+        p.cleanup()
