@@ -13,6 +13,8 @@ import sys
 from . import __version__
 from .cli_control import add_commands as add_control_commands
 from .cli_inspect import add_commands as add_inspect_commands
+from .cli_sandbox import add_command as add_sandbox_command
+from .cli_sandbox import add_host_root_flags
 
 EXIT_ERROR = 1                 # kvmkit.plugin_api's EXIT_ERROR and EXIT_USAGE, without importing it
 EXIT_USAGE = 2
@@ -73,7 +75,29 @@ def _summary(machine, stop, elapsed: float) -> str:
             f"{'; ' + queues if queues else ''}")
 
 
+def _host_root(args) -> bool:
+    """`kvmkit run` with neither a machine file nor a kernel nor an initrd:
+    boot the found kernel on the host's files, a shell on the console."""
+    return not args.machine and args.kernel is None and args.initrd is None
+
+
+def _host_root(args) -> bool:
+    """`kvmkit run` with neither a machine file nor a kernel nor an initrd:
+    boot the found kernel on the host's files, a shell on the console."""
+    return not args.machine and args.kernel is None and args.initrd is None
+
+
 def cmd_run(args) -> int:
+    from .config import ConfigError
+    if _host_root(args):
+        if args.detach:
+            raise ConfigError("--detach: a host-root shell runs on your terminal; give a "
+                              "machine file or --kernel to run detached")
+        from .cli_sandbox import run_host_root
+        return run_host_root(args, [])
+    if args.rw or args.rwdir or args.overlay_rwdir:
+        raise ConfigError("--rw, --rwdir and --overlay-rwdir are for the host-root guest "
+                          "(kvmkit run with no machine file and no --kernel, or kvmkit sandbox)")
     from .config import Problems
     from .machine_flags import machine_config
     from .plugins import new_manager
@@ -88,9 +112,10 @@ def cmd_run(args) -> int:
     return _run(config, None, pm, checked)
 
 
-def _run(config, ready=None, pm=None, checked=None) -> int:
+def _run(config, ready=None, pm=None, checked=None, *, on_built=None, summary: bool = True) -> int:
     """Build and run the machine with its control socket; ``ready()`` is
-    called once it is built (a detached parent waits for that)."""
+    called once it is built (a detached parent waits for that), and
+    ``on_built(machine)`` too (``kvmkit sandbox`` sets its timer there)."""
     import signal
     import time
 
@@ -101,6 +126,8 @@ def _run(config, ready=None, pm=None, checked=None) -> int:
     stop = None
     try:
         machine.build()
+        if on_built is not None:
+            on_built(machine)
         stop_signals = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
         for signo, code in stop_signals.items():
             signal.signal(signo, lambda s, _f, c=code: machine.request_stop(
@@ -115,7 +142,11 @@ def _run(config, ready=None, pm=None, checked=None) -> int:
         if stop is not None:
             control.stopped(stop.reason, stop.code)
         control.close()
-    print(_summary(machine, stop, elapsed), file=sys.stderr, flush=True)
+    if summary:
+        print(_summary(machine, stop, elapsed), file=sys.stderr, flush=True)
+    else:
+        import logging
+        logging.getLogger("kvmkit").info("%s", _summary(machine, stop, elapsed))
     return stop.code
 
 
@@ -152,6 +183,22 @@ class _Parser(argparse.ArgumentParser):
                               f"(see {self.prog} --help)\n")
 
 
+def add_machine_flags(run) -> None:
+    """The flags `run`, `check` and `sandbox` share."""
+    run.add_argument("--kernel", "-k", help="guest kernel (bzImage or vmlinux)")
+    run.add_argument("--initrd", "-i", help="initial ramdisk")
+    run.add_argument("--append", "-p", help="kernel command line (replaces the file's)")
+    run.add_argument("--memory", "-m", help="guest memory, e.g. 256M")
+    run.add_argument("--vcpus", "-c", type=int, help="number of vCPUs")
+    run.add_argument("--name", help="machine name")
+    run.add_argument("--host-quirks", dest="host_quirks", choices=["auto", "on", "off"],
+                     help="nested paravirtual KVM assists (default: auto-detect)")
+    run.add_argument("--stall-timeout", dest="stall_timeout", type=float, metavar="SECONDS",
+                     help="stop the VM (status 6) when no vCPU exits for this long (default: off)")
+    run.add_argument("--device", "-d", action="append", default=[], metavar="KIND,KEY=VALUE,...",
+                     help="add a device (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmkit", description="A KVM virtual machine monitor "
                                 "whose devices are plugins.")
@@ -165,22 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Boot a machine file; flags override its values. Without a "
                          "machine file, --kernel is required and the default devices are used.")
     run.add_argument("machine", nargs="?", help="machine file (TOML)")
-    run.add_argument("--kernel", "-k", help="guest kernel (bzImage or vmlinux)")
-    run.add_argument("--initrd", "-i", help="initial ramdisk")
-    run.add_argument("--append", "-p", help="kernel command line (replaces the file's)")
-    run.add_argument("--memory", "-m", help="guest memory, e.g. 256M")
-    run.add_argument("--vcpus", "-c", type=int, help="number of vCPUs")
-    run.add_argument("--name", help="machine name")
-    run.add_argument("--host-quirks", dest="host_quirks", choices=["auto", "on", "off"],
-                     help="nested paravirtual KVM assists (default: auto-detect)")
-    run.add_argument("--stall-timeout", dest="stall_timeout", type=float, metavar="SECONDS",
-                     help="stop the VM (status 6) when no vCPU exits for this long (default: off)")
-    run.add_argument("--device", "-d", action="append", default=[], metavar="KIND,KEY=VALUE,...",
-                     help="add a device (repeatable)")
+    add_machine_flags(run)
     run.add_argument("--detach", action="store_true",
                      help="run in the background; `kvmkit console NAME` attaches to its console")
+    add_host_root_flags(run)
     run.set_defaults(func=cmd_run)
     add_inspect_commands(sub, run)
+    add_sandbox_command(sub, run)
     add_control_commands(sub)
     return p
 

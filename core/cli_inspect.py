@@ -83,5 +83,32 @@ def cmd_check(args) -> int:
     problems = Problems()
     config = machine_config(args, problems)
     checked = check_machine(config, problems=problems)
+    if args.kernel is not None:
+        kernel_line = check_kernel_config(checked.config.kernel.image, checked.kernel_data)
+        print(f"ok: {checked.summary()}")
+        print(kernel_line)
+        return 0
     print(f"ok: {checked.summary()}")
     return 0
+
+
+def check_kernel_config(path, data: bytes) -> str:
+    """One line about ``path``'s embedded config: what the host-root guest
+    (kvmkit sandbox) lacks raises ConfigError; otherwise what it has."""
+    from .boot import kconfig
+    from .config import ConfigError
+    try:
+        text = kconfig.embedded_config(data, str(path))
+    except kconfig.KconfigError as e:
+        raise ConfigError(f"--kernel {e}") from None
+    if text is None:
+        return (f"kernel config: {path} has no embedded config (CONFIG_IKCONFIG is off), so "
+                "its options cannot be checked; kvmkit sandbox needs "
+                + ", ".join(f"CONFIG_{n}" for n, _ in kconfig.REQUIRED) + " built in (=y)")
+    verdict = kconfig.check_options(kconfig.parse(text))
+    if not verdict.ok:
+        raise ConfigError(f"--kernel {path}: kvmkit sandbox cannot boot it: missing "
+                          + ", ".join(verdict.missing)
+                          + " (build them in, =y; see `kvmkit sandbox --help`)")
+    extra = ("; without " + ", ".join(verdict.missing_optional)) if verdict.missing_optional else ""
+    return f"kernel config: {path} has every option kvmkit sandbox needs{extra}"

@@ -1,0 +1,4 @@
+"""kvmkit device plugin: a virtio console (kind ``virtio-console``)."""
+from .console import VirtioConsole
+
+__all__ = ["VirtioConsole"]
