@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
             raise ConfigError("--detach: a host-root shell runs on your terminal; give a "
                               "machine file or --kernel to run detached")
         from .cli_sandbox import run_host_root
-        return run_host_root(args, [])
+        return run_host_root(args, [], error_status=2)
     if args.rw or args.rwdir or args.overlay_rwdir:
         raise ConfigError("--rw, --rwdir and --overlay-rwdir are for the host-root guest "
                           "(kvmkit run with no machine file and no --kernel, or kvmkit sandbox)")

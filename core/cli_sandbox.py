@@ -81,8 +81,10 @@ def cmd_sandbox(args) -> int:
 
 
 def run_host_root(args, argv: list[str], *, forward_stdin: bool = False,
-                  timeout: float | None = None) -> int:
-    """Boot on the host's root and run ``argv`` (none: a shell on the console)."""
+                  timeout: float | None = None, error_status: int = EXIT_SANDBOX_ERROR) -> int:
+    """Boot on the host's root and run ``argv`` (none: a shell on the console).
+    A failure before the guest runs exits ``error_status``: 125 for
+    ``kvmkit sandbox`` (its documented status), 2 (bad input) for ``kvmkit run``."""
     from .cli import _run
     from .config import ConfigError
     from .control import ControlError
@@ -127,7 +129,7 @@ def run_host_root(args, argv: list[str], *, forward_stdin: bool = False,
         if getattr(args, "debug", False):
             log.exception("details")
         print(f"kvmkit: error: {e}", file=sys.stderr)
-        return EXIT_SANDBOX_ERROR
+        return error_status
     finally:
         if plan is not None:
             plan.cleanup()
