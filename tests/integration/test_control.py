@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from guest import initrd_with_hooks
+
 pytestmark = pytest.mark.kvm
 
 KVMKIT = [sys.executable, "-m", "kvmkit"]
@@ -75,8 +77,6 @@ def counts(console) -> list[int]:
 @pytest.fixture(scope="module")
 def session(guest_kit, env, tmp_path_factory):
     """Pause a guest printing a counter, resume it, then stop it gracefully."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from guest import initrd_with_hooks
     initrd = initrd_with_hooks(guest_kit, tmp_path_factory.mktemp("ctl") / "initrd.cpio", {"count": COUNTER})
     proc = subprocess.Popen(KVMKIT + ["run", "--name", "ctl", "--kernel", str(guest_kit["SMALL_VMLINUX"]),
                                       "--initrd", str(initrd), "--vcpus", "2",
