@@ -6,6 +6,8 @@ hostname kvmkit-guest
 ip link set lo up 2>/dev/null
 for ev in /dev/input/event*; do
 	[ -e "$ev" ] || continue
+	# acpid logs to /var/log/acpid.log and exits at once if it cannot open it
+	mkdir -p /var/log
 	acpid
 	break
 done
