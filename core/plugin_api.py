@@ -53,7 +53,7 @@ __all__ = [
     "IoHandler", "IrqLine", "GuestMemory", "GuestMemoryError", "DeviceContext",
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "EXIT_GUEST_HALTED", "EXIT_STALLED", "ConfigSpace", "VirtioDevice",
-    "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog",
+    "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog", "listen_unix_socket",
 ]
 
 PIO = "pio"
@@ -324,6 +324,7 @@ _REEXPORTS = {
     "SplitQueue": "kvmkit.virtio.queue",
     "VirtqueueError": "kvmkit.virtio.queue",
     "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
+    "listen_unix_socket": "kvmkit.host_socket",   # a socket backend's listener
 }
 
 

@@ -27,7 +27,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from kvmkit.plugin_api import DeviceContext, DeviceError
+from kvmkit.plugin_api import DeviceContext, DeviceError, listen_unix_socket
 
 from .escape import HELP, HELP_TEXT, QUIT, EscapeFilter
 
@@ -400,7 +400,7 @@ class SocketBackend(_Reader):
     (dropped while none is connected) and types to the guest."""
 
     def __init__(self, ctx: DeviceContext, sink: InputSink, path: Path):
-        self._listener, self._inode = _listen(path, ctx.name)
+        self._listener, self._inode = listen_unix_socket(path, ctx.name)
         super().__init__(ctx, sink)
         self.path = path
         self._lock = threading.Lock()            # guards _client and _out
@@ -526,42 +526,3 @@ class SocketBackend(_Reader):
             pass
 
 
-def _listen(path: Path, name: str) -> tuple[socket.socket, int]:
-    """Listen at ``path`` (owner-only), replacing a stale socket file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise DeviceError(f"{name}: cannot use {path}: {e.strerror}") from None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise DeviceError(f"{name}: {path} exists and is not a socket; "
-                              "remove it or choose another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:           # nobody listens: a leftover, replace it
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise DeviceError(f"{name}: cannot check whether {path} is in use: "
-                              f"{e.strerror or e}") from None
-        else:
-            raise DeviceError(f"{name}: {path} is in use by a running listener "
-                              "(another kvmkit?); choose another path")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)                    # before listen(): nobody else can connect
-        sock.listen(1)
-        sock.setblocking(False)
-        inode = os.lstat(path).st_ino
-    except OSError as e:
-        sock.close()
-        raise DeviceError(f"{name}: cannot listen on {path}: {e.strerror or e}") from None
-    return sock, inode

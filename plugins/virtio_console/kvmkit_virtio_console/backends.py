@@ -16,7 +16,6 @@ import atexit
 import os
 import select
 import socket
-import stat
 import termios
 import threading
 import time
@@ -24,7 +23,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from kvmkit.plugin_api import DeviceContext, DeviceError
+from kvmkit.plugin_api import DeviceContext, DeviceError, listen_unix_socket
 
 POLL_S = 0.2
 CHUNK = 64 * 1024
@@ -319,7 +318,7 @@ class SocketBackend:
                  console: bool = False):
         self._ctx, self._link, self._label, self.path = ctx, link, label, Path(path)
         self._console = console
-        self._listener, self._inode = _listen(self.path, label)
+        self._listener, self._inode = listen_unix_socket(self.path, label)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._client: socket.socket | None = None
@@ -449,37 +448,3 @@ def _isatty(fd: int) -> bool:
         return False
 
 
-def _listen(path: Path, label: str) -> tuple[socket.socket, int]:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise DeviceError(f"{label}: cannot use {path}: {e.strerror}") from None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise DeviceError(f"{label}: {path} exists and is not a socket; remove it or "
-                              "choose another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            os.unlink(path)                                  # a leftover: replace it
-        except OSError:
-            pass
-        else:
-            raise DeviceError(f"{label}: {path} is in use by a running listener; "
-                              "choose another path")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(1)
-        sock.setblocking(False)
-        inode = os.lstat(path).st_ino
-    except OSError as e:
-        sock.close()
-        raise DeviceError(f"{label}: cannot listen on {path}: {e.strerror or e}") from None
-    return sock, inode
