@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from guest import KVMKIT, kit
+from requirement import need
 
 pytestmark = pytest.mark.kvm
 
@@ -41,10 +42,9 @@ def _recipe(kit_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def small_kernel():
     """Only the small kernel: the rest of the kit is not needed here."""
-    from conftest import _need
-    _need(os.access("/dev/kvm", os.R_OK | os.W_OK), "/dev/kvm is not usable here")
+    need(os.access("/dev/kvm", os.R_OK | os.W_OK), "/dev/kvm is not usable here")
     k = kit()
-    _need(bool(k.get("SMALL_VMLINUX")) and k["SMALL_VMLINUX"].exists(),
+    need(bool(k.get("SMALL_VMLINUX")) and k["SMALL_VMLINUX"].exists(),
           "the guest kit's small kernel is not built: run guest/build-kit")
     return k
 
