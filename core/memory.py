@@ -1,7 +1,9 @@
-"""Guest RAM: one anonymous mapping, split around the PCI hole below 4 GiB."""
+"""Guest RAM: one mapping (anonymous, or a snapshot's memory file mapped
+copy-on-write), split around the PCI hole below 4 GiB."""
 from __future__ import annotations
 
 import mmap
+import os
 from typing import NamedTuple
 
 from .plugin_api import GuestMemoryError
@@ -49,6 +51,48 @@ class GuestMemory:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             self._map = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self._buf = memoryview(self._map)
+        self.file_backed = False
+
+    @classmethod
+    def from_file(cls, path, size: int) -> "GuestMemory":
+        """Guest RAM whose contents are the file at ``path`` (a snapshot's
+        memory), mapped MAP_PRIVATE: nothing is read until the guest touches
+        a page, the guest's writes stay in this process, and every guest
+        mapped from one file shares its unwritten pages in the page cache.
+        The file must be exactly ``size`` bytes (ValueError says otherwise)."""
+        if size <= 0 or size % 4096:
+            raise ValueError("guest memory size must be a positive multiple of 4 KiB")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise ValueError(f"{path}: {actual} bytes, the guest has {size} bytes of memory")
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+            mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        memory = cls.__new__(cls)
+        memory.size = size
+        memory.regions = layout(size)
+        memory._map = mapping
+        memory._buf = memoryview(mapping)
+        memory.file_backed = True
+        return memory
+
+    def save(self, fd: int, chunk: int = 2 << 20) -> None:
+        """Write all of guest RAM to ``fd`` (at its start, truncated to the
+        size): chunks that are all zero are left as holes (a sparse file)."""
+        zero = bytes(chunk)
+        buf = self._buf
+        os.ftruncate(fd, 0)
+        for at in range(0, self.size, chunk):
+            piece = buf[at:at + chunk].tobytes()     # (comparing a memoryview is 50x slower)
+            if piece != zero[:len(piece)]:
+                os.lseek(fd, at, os.SEEK_SET)
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+        os.ftruncate(fd, self.size)
 
     # -- address translation -------------------------------------------------
     def _offset(self, gpa: int, length: int) -> int:
@@ -87,10 +131,11 @@ class GuestMemory:
         """Zero a range.  Whole pages of the anonymous mapping are given back
         to the kernel (MADV_DONTNEED: they read as zero again and take no
         host memory until the guest touches them); only partial pages at the
-        ends are written."""
+        ends are written.  (Memory mapped from a file is written: there
+        MADV_DONTNEED would bring back the file's contents.)"""
         off = self._offset(gpa, length)
         end = off + length
-        if isinstance(self._map, mmap.mmap):
+        if isinstance(self._map, mmap.mmap) and not self.file_backed:
             first = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
             last = end // mmap.PAGESIZE * mmap.PAGESIZE
             if last > first:

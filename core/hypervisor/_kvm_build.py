@@ -28,6 +28,11 @@ KVM_IRQCHIP_IOAPIC KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
 KVM_CHECK_EXTENSION KVM_CAP_SYNC_REGS KVM_SYNC_X86_REGS KVM_MP_STATE_HALTED
 KVM_MP_STATE_INIT_RECEIVED KVM_MP_STATE_SIPI_RECEIVED
+KVM_GET_MSR_INDEX_LIST KVM_GET_MSRS KVM_GET_CPUID2 KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS
+KVM_SET_XCRS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_IRQCHIP KVM_SET_IRQCHIP
+KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_CAP_XSAVE KVM_CAP_XCRS
+KVM_CAP_DEBUGREGS KVM_CAP_ADJUST_CLOCK KVM_CAP_PIT_STATE2 KVM_CAP_VCPU_EVENTS
+KVM_CLOCK_REALTIME KVM_CLOCK_TSC_STABLE
 """.split()
 
 CDEF = """
@@ -92,6 +97,20 @@ static const int KVMKIT_ROUTING_HEADER;
 static const int KVMKIT_ROUTING_ENTRY_SIZE;
 static const int KVMKIT_ROUTING_ENTRY_U_OFFSET;
 static const int KVMKIT_SYNC_REGS_OFFSET;
+static const int KVMKIT_SIZEOF_REGS;
+static const int KVMKIT_SIZEOF_SREGS;
+static const int KVMKIT_SIZEOF_FPU;
+static const int KVMKIT_SIZEOF_XSAVE;
+static const int KVMKIT_SIZEOF_XCRS;
+static const int KVMKIT_SIZEOF_DEBUGREGS;
+static const int KVMKIT_SIZEOF_LAPIC;
+static const int KVMKIT_SIZEOF_MP_STATE;
+static const int KVMKIT_SIZEOF_IRQCHIP;
+static const int KVMKIT_IRQCHIP_CHIP_OFFSET;
+static const int KVMKIT_SIZEOF_PIT2;
+static const int KVMKIT_SIZEOF_CLOCK;
+static const int KVMKIT_CLOCK_REALTIME_OFFSET;
+static const int KVMKIT_MSR_LIST_HEADER;
 
 int kvmkit_ioctl(int fd, unsigned long request, void *arg);
 int kvmkit_ioctl_val(int fd, unsigned long request, unsigned long arg);
@@ -136,6 +155,21 @@ static const int KVMKIT_ROUTING_ENTRY_SIZE = sizeof(struct kvm_irq_routing_entry
 static const int KVMKIT_ROUTING_ENTRY_U_OFFSET = offsetof(struct kvm_irq_routing_entry, u);
 /* kvm_run.s.regs.regs: struct kvm_regs, filled on every exit once kvm_valid_regs asks */
 static const int KVMKIT_SYNC_REGS_OFFSET = offsetof(struct kvm_run, s.regs.regs);
+/* state saved as raw struct bytes (snapshots): their sizes, checked on restore */
+static const int KVMKIT_SIZEOF_REGS = sizeof(struct kvm_regs);
+static const int KVMKIT_SIZEOF_SREGS = sizeof(struct kvm_sregs);
+static const int KVMKIT_SIZEOF_FPU = sizeof(struct kvm_fpu);
+static const int KVMKIT_SIZEOF_XSAVE = sizeof(struct kvm_xsave);
+static const int KVMKIT_SIZEOF_XCRS = sizeof(struct kvm_xcrs);
+static const int KVMKIT_SIZEOF_DEBUGREGS = sizeof(struct kvm_debugregs);
+static const int KVMKIT_SIZEOF_LAPIC = sizeof(struct kvm_lapic_state);
+static const int KVMKIT_SIZEOF_MP_STATE = sizeof(struct kvm_mp_state);
+static const int KVMKIT_SIZEOF_IRQCHIP = sizeof(struct kvm_irqchip);
+static const int KVMKIT_IRQCHIP_CHIP_OFFSET = offsetof(struct kvm_irqchip, chip);
+static const int KVMKIT_SIZEOF_PIT2 = sizeof(struct kvm_pit_state2);
+static const int KVMKIT_SIZEOF_CLOCK = sizeof(struct kvm_clock_data);
+static const int KVMKIT_CLOCK_REALTIME_OFFSET = offsetof(struct kvm_clock_data, realtime);
+static const int KVMKIT_MSR_LIST_HEADER = offsetof(struct kvm_msr_list, indices);
 
 /* ioctl wrappers: return the result, or -errno; the GIL is released by cffi. */
 int kvmkit_ioctl(int fd, unsigned long request, void *arg)

@@ -75,6 +75,21 @@ class Kvm:
             return [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
                     for e in (entries[i] for i in range(count))]
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
+        n = 512
+        while True:
+            buf = ffi.new("char[]", lib.KVMKIT_MSR_LIST_HEADER + 4 * n)
+            ffi.cast("__u32 *", buf)[0] = n
+            r = lib.kvmkit_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf)
+            if r == -errno.E2BIG:
+                n = max(n * 2, ffi.cast("__u32 *", buf)[0])
+                continue
+            if r < 0:
+                raise KvmError(-r, "KVM_GET_MSR_INDEX_LIST: " + os.strerror(-r))
+            count = ffi.cast("__u32 *", buf)[0]
+            return list(ffi.cast("__u32 *", buf + lib.KVMKIT_MSR_LIST_HEADER)[0:count])
+
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 when the capability is missing."""
         r = lib.kvmkit_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)
@@ -172,6 +187,18 @@ class Vm:
                 struct.pack_into("<III", raw, u, address & 0xFFFFFFFF, address >> 32, data)
         _ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
 
+    def get_raw(self, request: int, size: int, what: str, prefix: bytes = b"") -> bytes:
+        """A KVM_GET_* ioctl of the VM into ``size`` bytes (which start with
+        ``prefix``, e.g. the chip id of KVM_GET_IRQCHIP); the struct's bytes."""
+        buf = ffi.new("char[]", size)
+        ffi.buffer(buf)[:len(prefix)] = prefix
+        _ioctl(self.fd, request, buf, what)
+        return bytes(ffi.buffer(buf))
+
+    def set_raw(self, request: int, data: bytes, what: str) -> None:
+        buf = ffi.new("char[]", bytes(data))
+        _ioctl(self.fd, request, buf, what)
+
     def tsc_khz(self) -> int | None:
         """The vCPUs' TSC rate in kHz (KVM_GET_TSC_KHZ on the VM, Linux 6.0+), or None."""
         r = lib.kvmkit_ioctl_val(self.fd, KVM_GET_TSC_KHZ, 0)
@@ -209,6 +236,7 @@ class Vcpu:
         # kvm_run.s.regs.regs: valid after each exit once enable_sync_regs() succeeded
         self.sync_regs = ffi.cast("struct kvm_regs *", base + lib.KVMKIT_SYNC_REGS_OFFSET)
         self.regs_synced = False
+        self.cpuid: list[list[int]] = []
 
     def enable_sync_regs(self) -> bool:
         """Have KVM copy the general registers into kvm_run on every exit
@@ -250,6 +278,58 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         _ioctl(self.fd, lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
+    def get_raw(self, request: int, size: int, what: str) -> bytes:
+        """A KVM_GET_* ioctl of this vCPU into ``size`` bytes: the struct's bytes."""
+        buf = ffi.new("char[]", size)
+        _ioctl(self.fd, request, buf, what)
+        return bytes(ffi.buffer(buf))
+
+    def set_raw(self, request: int, data: bytes, what: str) -> None:
+        buf = ffi.new("char[]", bytes(data))
+        _ioctl(self.fd, request, buf, what)
+
+    def tsc_khz(self) -> int | None:
+        """This vCPU's TSC rate in kHz (KVM_GET_TSC_KHZ), or None."""
+        r = lib.kvmkit_ioctl_val(self.fd, KVM_GET_TSC_KHZ, 0)
+        return r if r > 0 else None
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS for ``indices``; an MSR KVM cannot read is left out
+        (KVM stops a batch at the first one it cannot read: the rest are read again)."""
+        values: dict[int, int] = {}
+        size = ffi.sizeof("struct kvm_msr_entry")
+        todo = list(indices)
+        while todo:
+            buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(todo) * size)
+            ffi.cast("__u32 *", buf)[0] = len(todo)
+            entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
+            for i, index in enumerate(todo):
+                entries[i].index = index
+            done = _ioctl(self.fd, lib.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+            for i in range(done):
+                values[entries[i].index] = entries[i].data
+            todo = todo[done + 1:]              # skip the one that failed
+        return values
+
+    def set_msrs_partly(self, msrs: list[tuple[int, int]]) -> list[int]:
+        """KVM_SET_MSRS in order; an MSR KVM refuses is skipped and the rest
+        are set.  Returns the refused indices."""
+        refused: list[int] = []
+        size = ffi.sizeof("struct kvm_msr_entry")
+        todo = list(msrs)
+        while todo:
+            buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(todo) * size)
+            ffi.cast("__u32 *", buf)[0] = len(todo)
+            entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
+            for i, (index, data) in enumerate(todo):
+                entries[i].index = index
+                entries[i].data = data
+            done = _ioctl(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+            if done < len(todo):
+                refused.append(todo[done][0])
+            todo = todo[done + 1:]
+        return refused
+
     def set_cpuid(self, rows: list[list[int]]) -> None:
         size = ffi.sizeof("struct kvm_cpuid_entry2")
         buf = ffi.new("char[]", lib.KVMKIT_CPUID2_HEADER + len(rows) * size)
@@ -260,6 +340,7 @@ class Vcpu:
             e.function, e.index, e.flags = function, index, flags
             e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
         _ioctl(self.fd, lib.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+        self.cpuid = [list(row) for row in rows]      # what a snapshot records
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
         size = ffi.sizeof("struct kvm_msr_entry")
