@@ -76,6 +76,12 @@ class ResetControl:
             self._stop(f"guest reset (port 0xCF9, {kind})", 0)
         self.value = value & (SYS_RST | FULL_RST)
 
+    def save_state(self) -> dict:
+        return {"value": self.value}
+
+    def restore_state(self, state: dict) -> None:
+        self.value = int(state["value"]) & (SYS_RST | FULL_RST)
+
 
 def reset_page() -> mmap.mmap:
     """A page holding the stub at its last 16 bytes, to map at :data:`RESET_PAGE`."""

@@ -54,6 +54,8 @@ class Machine:
         self.config = config
         self.pm = pm or new_manager()
         self._checked = checked
+        self.checked = None                     # what check_machine found (plugins, devices)
+        self.restored_from = None               # the Snapshot this machine was restored from
         self.stopping = threading.Event()
         self.stop: Stop | None = None
         self._stop_lock = threading.Lock()
@@ -214,10 +216,20 @@ class Machine:
         return {rt.ctx.name: rt.backend.name for rt in self.virtio}
 
     # -- building ----------------------------------------------------------------------
-    def build(self) -> None:
+    def build(self, snapshot=None) -> None:
+        """Build the machine to boot its kernel, or, given ``snapshot`` (a
+        snapshot_format.Snapshot of this configuration), to go on from it:
+        its memory, vCPU, platform and device state, nothing loaded."""
         cfg = self.config
         checked = self._checked or check_machine(cfg, self.pm)    # what `kvmkit check` checks
-        self.build_platform()
+        self.checked = checked
+        self.build_platform(snapshot.memory_path if snapshot is not None else None)
+        if snapshot is not None:
+            from . import snapshot as snapshots
+            try:
+                snapshots.check_host(self, snapshot)
+            except snapshots.SnapshotError as e:
+                raise MachineError(str(e)) from None
 
         counts: dict[str, int] = {}
         for table, dcfg in zip(cfg.devices, checked.devices):
@@ -237,6 +249,9 @@ class Machine:
             self.devices.append((ctx, device))
 
         self.quirks = host_quirks.resolve(cfg.host_quirks)
+        if snapshot is not None:
+            self._restore(snapshot)
+            return
         self.cmdline = self._cmdline()
         pci_irqs = [(slot, pin, intx_gsi(slot)) for slot, pin in self.pci.interrupt_pins()]
         rsdp_addr = self._install_acpi(pci_irqs) if cfg.acpi else 0
@@ -251,15 +266,41 @@ class Machine:
             vcpu = self.add_vcpu(i)
             cpu_setup.setup_vcpu(vcpu, supported, cfg.vcpus, boot)
 
-    def build_platform(self) -> None:
+    def _restore(self, snapshot) -> None:
+        """The rest of build() for a restored machine: wire what the guest
+        already set up (ACPI registers, power button), add the vCPUs, put the
+        saved state back."""
+        from . import snapshot as snapshots
+        self.restored_from = snapshot
+        self.cmdline = snapshot.manifest.get("cmdline", "")
+        if self.config.acpi:
+            self._wire_acpi()
+        for i in range(self.config.vcpus):
+            self.add_vcpu(i)
+        try:
+            snapshots.restore(self, snapshot)
+        except (snapshots.SnapshotError, ValueError) as e:   # ValueError: device/vCPU StateError
+            raise MachineError(f"{snapshot.path}: cannot restore: {e}") from None
+
+    def build_platform(self, memory_file=None) -> None:
         """KVM, guest RAM, the interrupt controllers, the PCI host and the
         chipset's reset control and reset vector: the machine before any
-        device or kernel (tests of hand-made guests stop here)."""
+        device or kernel (tests of hand-made guests stop here).
+        ``memory_file``: a snapshot's memory, mapped copy-on-write as guest
+        RAM (it holds the reset vector already)."""
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         try:
-            self.memory = GuestMemory(self.config.memory)
+            if memory_file is not None:
+                self.memory = GuestMemory.from_file(memory_file, self.config.memory)
+            else:
+                self.memory = GuestMemory(self.config.memory)
+        except ValueError as e:
+            raise MachineError(str(e)) from None
         except OSError as e:
+            if memory_file is not None:
+                raise MachineError(f"{memory_file}: cannot map the snapshot's memory: "
+                                   f"{e.strerror or e}") from None
             raise MachineError(f"cannot allocate {self.config.memory >> 20} MiB of guest memory: "
                                f"{e.strerror or e}; give less ([machine] memory, --memory)") from None
         self.vm.map_memory(self.memory)
@@ -272,7 +313,8 @@ class Machine:
         self.pci.reset_control = chipset.ResetControl(self.request_stop)
         for base, size, handler in self.pci.pio_ranges():
             self.pio.add(base, size, handler, pci_lock, "pci-host")
-        chipset.install_reset_vector(self.memory)
+        if memory_file is None:
+            chipset.install_reset_vector(self.memory)
         self._reset_page = chipset.reset_page()
         self.vm.map_extra(len(self.memory.regions), chipset.RESET_PAGE, self._reset_page)
 
@@ -300,12 +342,27 @@ class Machine:
             nodes.append(bytes(node))
         return nodes
 
-    def _install_acpi(self, pci_irqs) -> int:
-        """Write the ACPI tables, wire their registers and the power button; the RSDP's address."""
+    def _wire_acpi(self) -> None:
+        """The ACPI platform registers and the power button (what the tables point at)."""
         lock = threading.RLock()
         self.acpi = acpi_platform.AcpiPlatform(self.request_stop)
         self.pio.add(acpi_platform.BASE, acpi_platform.SIZE, self.acpi, lock, "acpi")
         ged = self.irq(ACPI_GED_GSI)
+        platform = self.acpi
+
+        def press_power_button():
+            if not platform.ospm_ready:
+                return False                   # no ACPI in the guest: let the next handler try
+            log.info("pressing the ACPI power button")
+            ged.pulse()
+            return True
+
+        # Tried before every device's handler (the i8042's Ctrl-Alt-Del).
+        self.shutdown_handlers.insert(0, (types.SimpleNamespace(lock=lock), press_power_button))
+
+    def _install_acpi(self, pci_irqs) -> int:
+        """Write the ACPI tables, wire their registers and the power button; the RSDP's address."""
+        self._wire_acpi()
         ram_top = max(r.gpa + r.size for r in self.memory.regions)
         pci = acpi_dsdt.PciLayout(io_windows=((0, 0xCF7), (0xD00, 0xFFFF)),
                                   mmio32=(self.mmio_alloc.start, self.mmio_alloc.end - 1),
@@ -320,17 +377,6 @@ class Machine:
         except acpi_firmware.AcpiLayoutError as e:
             raise MachineError(f"{e}; set acpi = false in [machine] or describe fewer devices") from None
         self.memory.write(t.base, t.blob)
-        platform = self.acpi
-
-        def press_power_button():
-            if not platform.ospm_ready:
-                return False                   # no ACPI in the guest: let the next handler try
-            log.info("pressing the ACPI power button")
-            ged.pulse()
-            return True
-
-        # Tried before every device's handler (the i8042's Ctrl-Alt-Del).
-        self.shutdown_handlers.insert(0, (types.SimpleNamespace(lock=lock), press_power_button))
         log.debug("ACPI tables at %#x-%#x, RSDP at %#x", t.base, t.base + len(t.blob), t.rsdp_addr)
         return t.rsdp_addr
 

@@ -52,6 +52,19 @@ class AcpiPlatform:
         self.ospm_ready = False          # the guest's ACPI ran the GED's _INI
         self.events_taken = 0
 
+    def save_state(self) -> dict:
+        """The registers the guest set, and the PM timer's count in seconds."""
+        return {"pm1_enable": self.pm1_enable, "ospm_ready": self.ospm_ready,
+                "events_taken": self.events_taken, "timer_s": self._clock() - self._t0}
+
+    def restore_state(self, state: dict, elapsed_s: float = 0.0) -> None:
+        """The PM timer runs on from its saved count plus ``elapsed_s`` (the
+        time the VM spent saved), as the guest's other clocks do."""
+        self.pm1_enable = int(state["pm1_enable"]) & 0xFFFF
+        self.ospm_ready = bool(state["ospm_ready"])
+        self.events_taken = int(state["events_taken"])
+        self._t0 = self._clock() - float(state["timer_s"]) - elapsed_s
+
     def read(self, offset: int, size: int) -> int:
         if PM_TMR <= offset < PM_TMR + 4:
             ticks = int((self._clock() - self._t0) * PM_TIMER_HZ) & 0xFFFF_FFFF

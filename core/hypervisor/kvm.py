@@ -253,6 +253,16 @@ class Vcpu:
         r = lib.kvmkit_ioctl_val(self.fd, lib.KVM_RUN, 0)
         return r if r < 0 else 0
 
+    def complete_pending(self) -> None:
+        """Finish the last exit's emulation without entering the guest (an IN's
+        value into RAX, RIP past an OUT or MMIO access): KVM_RUN with
+        immediate_exit set does that and returns EINTR.  Saved state is only
+        whole after this; a restored vCPU would otherwise repeat the access."""
+        self.run.immediate_exit = 1
+        r = self.run_once()
+        if r not in (0, -errno.EINTR, -errno.EAGAIN):
+            raise KvmError(-r, f"vCPU {self.index}: KVM_RUN (completing the last exit): {os.strerror(-r)}")
+
     # -- state -----------------------------------------------------------------
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")

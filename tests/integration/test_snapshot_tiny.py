@@ -1,0 +1,229 @@
+"""Snapshots of a hand-made guest (no kernel, no devices): a guest counting
+in a register and in memory, writing each count to a port, is snapshotted
+while it runs; two machines restored from the snapshot each go on from the
+saved count: their first write is the next count."""
+import threading
+import time
+
+import pytest
+
+import tiny
+from kvmkit import snapshot, snapshot_format
+from kvmkit.hypervisor.kvm import Kvm
+from kvmkit.machine import Machine, MachineError
+
+pytestmark = pytest.mark.kvm
+
+PORT = 0x510
+COUNTER = 0x200000
+COUNT = bytes([
+    0x48, 0xFF, 0xC3,                                  # loop: inc rbx
+    0x48, 0x89, 0x1C, 0x25, 0x00, 0x00, 0x20, 0x00,    # mov [0x200000], rbx
+    0x89, 0xD8,                                        # mov eax, ebx
+    0x66, 0xBA, PORT & 0xFF, PORT >> 8,                # mov dx, PORT
+    0xEF,                                              # out dx, eax
+    0xEB, 0xEC,                                        # jmp loop (-20)
+])
+assert COUNT[-1] == (256 - len(COUNT)) & 0xFF
+
+
+class Port:
+    """Records the guest's writes; ``reached`` is set at ``until`` writes."""
+
+    def __init__(self, until: int = 0):
+        self.values: list[int] = []
+        self.until = until
+        self.reached = threading.Event()
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.values.append(value)
+        if self.until and len(self.values) >= self.until:
+            self.reached.set()
+
+
+@pytest.fixture(autouse=True)
+def kvm():
+    tiny.need_kvm()
+
+
+def snapshot_counting_guest(path, after: int = 300):
+    """Run the counting guest, snapshot it (left paused) after ``after``
+    writes, stop it; the port's writes and the snapshot's result."""
+    m = tiny.machine()
+    port = Port(after)
+    m.pio.add(PORT, 4, port, threading.RLock(), "counter")
+    tiny.long_mode(m, COUNT)
+    taken = {}
+
+    def snap():
+        if port.reached.wait(30):
+            try:
+                taken["result"] = snapshot.take(m, path)
+                taken["paused"] = m.paused
+                taken["writes"] = len(port.values)
+                time.sleep(0.2)                 # a paused guest writes nothing more
+                taken["writes_later"] = len(port.values)
+            except Exception as e:              # reported by the test
+                taken["error"] = e
+        m.request_stop("test done", 0)
+
+    t = threading.Thread(target=snap)
+    t.start()
+    tiny.run(m)
+    t.join()
+    if "error" in taken:
+        raise taken["error"]
+    return port.values, taken
+
+
+def restore_and_run(path, writes: int = 50) -> tuple[list[int], int]:
+    """Restore into a new machine, run until ``writes`` port writes: the
+    writes, and the counter in memory before the guest ran."""
+    snap = snapshot_format.read(path)
+    snapshot.check_snapshot(snap)
+    m = Machine(snap.config)
+    try:
+        m.build(snap)
+    except BaseException:
+        m.close()
+        raise
+    in_memory = m.memory.read_int(COUNTER, 8)
+    port = Port(writes)
+    m.pio.add(PORT, 4, port, threading.RLock(), "counter")
+    stopper = threading.Thread(target=lambda: (port.reached.wait(30), m.request_stop("enough", 0)))
+    stopper.start()
+    tiny.run(m)
+    stopper.join()
+    return port.values, in_memory
+
+
+def test_a_counting_guest_restored_twice_goes_on_from_the_saved_count(tmp_path):
+    path = tmp_path / "snap"
+    values, taken = snapshot_counting_guest(path)
+    assert taken["paused"] is True                       # snapshot leaves the VM paused
+    assert taken["writes_later"] == taken["writes"]
+    saved = values[taken["writes"] - 1]
+    assert values[:taken["writes"]] == list(range(1, saved + 1))
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "memory", "state.json"]
+    for _ in range(2):
+        after, in_memory = restore_and_run(path)
+        assert in_memory == saved
+        assert after[:50] == list(range(saved + 1, saved + 51)), (saved, after[:5])
+
+
+def test_snapshot_into_an_existing_path_fails_and_the_vm_runs_on(tmp_path):
+    path = tmp_path / "taken"
+    path.mkdir()
+    m = tiny.machine()
+    port = Port(100)
+    m.pio.add(PORT, 4, port, threading.RLock(), "counter")
+    tiny.long_mode(m, COUNT)
+    seen = {}
+
+    def snap():
+        port.reached.wait(30)
+        try:
+            snapshot.take(m, path)
+        except snapshot_format.SnapshotError as e:
+            seen["error"] = str(e)
+        seen["paused"] = m.paused
+        n = len(port.values)
+        time.sleep(0.3)
+        seen["ran_on"] = len(port.values) > n
+        m.request_stop("test done", 0)
+
+    t = threading.Thread(target=snap)
+    t.start()
+    tiny.run(m)
+    t.join()
+    assert "already exists" in seen["error"]
+    assert seen["paused"] is False and seen["ran_on"] is True
+    assert list(path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]     # no temporary left
+
+
+def test_a_snapshot_with_a_cpu_feature_the_host_lacks_is_refused(tmp_path):
+    path = tmp_path / "snap"
+    snapshot_counting_guest(path, after=20)
+    snap = snapshot_format.read(path)
+    for row in snap.state["vcpus"][0]["cpuid"]:
+        if row[0] == 7 and row[1] == 0:
+            row[4] |= 1 << 30                           # ebx bit 30 (AVX512BW), added
+    snap.manifest["cpu"]["cpuid"] = snap.state["vcpus"][0]["cpuid"]
+    kvm = Kvm()
+    supported = {(r[0], r[1]): r for r in kvm.supported_cpuid()}
+    kvm.close()
+    if supported[(7, 0)][4] & (1 << 30):
+        pytest.skip("this host has AVX512BW")
+    m = Machine(snap.config)
+    try:
+        with pytest.raises(MachineError, match=r"CPUID 0x7.0 ebx bit 30"):
+            m.build(snap)
+    finally:
+        m.close()
+
+
+ECHO = bytes([0x66, 0xBA, PORT & 0xFF, PORT >> 8,      # mov dx, PORT
+              0xED,                                    # in eax, dx
+              0xEF,                                    # out dx, eax
+              0xEB, 0xFE])                             # jmp .
+
+
+class PausingPort:
+    """Its first read pauses the machine before answering, so the vCPU parks
+    between the IN's exit and the KVM_RUN that would put the value in RAX."""
+
+    def __init__(self, machine, answer: int):
+        self.machine, self.answer = machine, answer
+        self.reads = 0
+        self.values: list[int] = []
+        self.read_started = threading.Event()
+
+    def read(self, offset, size):
+        self.reads += 1
+        if self.reads == 1 and self.machine is not None:
+            self.read_started.set()
+            deadline = time.monotonic() + 10
+            while self.machine.running.is_set() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return self.answer
+
+    def write(self, offset, size, value):
+        self.values.append(value)
+
+
+def test_a_vcpu_paused_after_an_in_exit_is_saved_with_the_value_read(tmp_path):
+    """The IN's emulation is finished before the save (KVM_RUN with
+    immediate_exit): the restored guest goes on with the value it read and
+    does not read the port again."""
+    path = tmp_path / "snap"
+    m = tiny.machine()
+    port = PausingPort(m, 0x1234)
+    m.pio.add(PORT, 4, port, threading.RLock(), "echo")
+    tiny.long_mode(m, ECHO)
+    seen = {}
+
+    def snap():
+        if port.read_started.wait(30):
+            m.pause()
+            seen["result"] = snapshot.take(m, path)
+            seen["values"] = list(port.values)
+        m.request_stop("test done", 0)
+
+    t = threading.Thread(target=snap)
+    t.start()
+    tiny.run(m)
+    t.join()
+    assert seen["values"] == []                        # paused before the OUT
+    snap_ = snapshot_format.read(path)
+    m2 = Machine(snap_.config)
+    m2.build(snap_)
+    port2 = PausingPort(None, 0xDEAD)
+    m2.pio.add(PORT, 4, port2, threading.RLock(), "echo")
+    stopper = threading.Timer(1.0, m2.request_stop, ("enough", 0))
+    stopper.start()
+    tiny.run(m2)
+    assert port2.values == [0x1234] and port2.reads == 0
