@@ -15,6 +15,8 @@ from .cli_control import add_commands as add_control_commands
 from .cli_inspect import add_commands as add_inspect_commands
 from .cli_sandbox import add_command as add_sandbox_command
 from .cli_sandbox import add_host_root_flags
+from .cli_snapshot import add_command as add_snapshot_command
+from .cli_snapshot import add_run_flags as add_restore_flags
 
 EXIT_ERROR = 1                 # kvmkit.plugin_api's EXIT_ERROR and EXIT_USAGE, without importing it
 EXIT_USAGE = 2
@@ -24,6 +26,7 @@ EXIT_USAGE = 2
 # raised, so main() looks only in sys.modules.
 _ERRORS = ((EXIT_USAGE, "kvmkit.config", "ConfigError"), (EXIT_USAGE, "kvmkit.plugins", "PluginError"),
            (EXIT_USAGE, "kvmkit.machine", "MachineError"), (EXIT_USAGE, "kvmkit.control", "ControlError"),
+           (EXIT_USAGE, "kvmkit.snapshot_format", "SnapshotError"),
            (EXIT_ERROR, "kvmkit.hypervisor.kvm", "KvmUnavailable"),
            (EXIT_ERROR, "kvmkit.hypervisor.kvm", "KvmError"))
 
@@ -89,6 +92,11 @@ def _host_root(args) -> bool:
 
 def cmd_run(args) -> int:
     from .config import ConfigError
+    if args.restore:
+        from .cli_snapshot import run_restore
+        return run_restore(args, _run)
+    if args.set or args.force:
+        raise ConfigError("--set and --force go with --restore PATH")
     if _host_root(args):
         if args.detach:
             raise ConfigError("--detach: a host-root shell runs on your terminal; give a "
@@ -112,10 +120,12 @@ def cmd_run(args) -> int:
     return _run(config, None, pm, checked)
 
 
-def _run(config, ready=None, pm=None, checked=None, *, on_built=None, summary: bool = True) -> int:
+def _run(config, ready=None, pm=None, checked=None, *, on_built=None, summary: bool = True,
+         snapshot=None) -> int:
     """Build and run the machine with its control socket; ``ready()`` is
     called once it is built (a detached parent waits for that), and
-    ``on_built(machine)`` too (``kvmkit sandbox`` sets its timer there)."""
+    ``on_built(machine)`` too (``kvmkit sandbox`` sets its timer there).
+    ``snapshot``: restore it instead of booting the kernel."""
     import signal
     import time
 
@@ -125,7 +135,7 @@ def _run(config, ready=None, pm=None, checked=None, *, on_built=None, summary: b
     control = ControlServer(machine, config.name)
     stop = None
     try:
-        machine.build()
+        machine.build(snapshot)
         if on_built is not None:
             on_built(machine)
         stop_signals = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -216,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--detach", action="store_true",
                      help="run in the background; `kvmkit console NAME` attaches to its console")
     add_host_root_flags(run)
+    add_restore_flags(run)
     run.set_defaults(func=cmd_run)
     add_inspect_commands(sub, run)
     add_sandbox_command(sub, run)
     add_control_commands(sub)
+    add_snapshot_command(sub)
     return p
 
 

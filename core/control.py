@@ -10,6 +10,8 @@ A request is one JSON object per line, ``{"cmd": "status"}``; the answer is
                             button); forced after ``timeout`` seconds (30)
     kill                    stop now
     wait                    answer once the VM has stopped: its reason and status
+    snapshot path [resume]  pause and save the VM into directory ``path`` (absolute,
+                            must not exist); it stays paused unless ``resume``
 
 The runtime directory is ``$XDG_RUNTIME_DIR/kvmkit``, else
 ``/tmp/kvmkit-<uid>``, created with mode 0700.
@@ -33,7 +35,7 @@ DEFAULT_STOP_TIMEOUT = 30.0
 MAX_STOP_TIMEOUT = 86400.0          # a day; longer waits are a typo (and overflow timers)
 MAX_REQUEST = 64 * 1024             # bytes in one request line
 COMMAND_KEYS = {"status": (), "pause": (), "resume": (), "kill": (), "wait": (),
-                "stop": ("timeout",)}
+                "stop": ("timeout",), "snapshot": ("path", "resume")}
 
 
 class ControlError(Exception):
@@ -75,6 +77,13 @@ def parse_request(line: bytes) -> dict:
                               else " (it takes none)"))
     if "timeout" in req:
         req["timeout"] = check_stop_timeout(req["timeout"])
+    if cmd == "snapshot":
+        path = req.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise RequestError("snapshot: \"path\" must be an absolute path (a directory that "
+                               "does not exist yet)")
+        if not isinstance(req.get("resume", False), bool):
+            raise RequestError("snapshot: \"resume\" must be true or false")
     return req
 
 
@@ -283,6 +292,14 @@ class ControlServer:
         if cmd == "wait":
             self._stopped.wait()
             return self.final
+        if cmd == "snapshot":
+            from .machine import PauseError
+            from .snapshot import take
+            from .snapshot_format import SnapshotError
+            try:
+                return take(m, req["path"], resume=req.get("resume", False))
+            except (PauseError, SnapshotError) as e:
+                raise ControlError(f"snapshot failed: {e}") from None
         raise RequestError(f"unknown command {cmd!r} ({', '.join(COMMAND_KEYS)})")
 
     def _graceful_stop(self, timeout: float) -> dict:
