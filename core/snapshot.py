@@ -49,6 +49,26 @@ def _plugin(machine, kind: str) -> tuple[str, str]:
     return dist, version
 
 
+VIRTIO_BLOCK = 2                  # virtio device type of a block device: its ``path`` key is its disk
+
+
+def block_disks(machine) -> list[dict]:
+    """The disk image of each virtio block device: its ``path`` and size now."""
+    checked = getattr(machine, "checked", None)
+    configs = dict(zip((ctx.name for ctx, _d in machine.devices), checked.devices)) if checked else {}
+    disks = []
+    for rt in machine.virtio:
+        path = configs.get(rt.ctx.name, {}).get("path") if rt.device.device_id == VIRTIO_BLOCK else None
+        if path is None:
+            continue
+        try:
+            size = Path(path).stat().st_size
+        except OSError as e:
+            raise SnapshotError(f"device {rt.ctx.name}: disk {path}: {e.strerror or e}") from None
+        disks.append({"device": rt.ctx.name, "path": str(path), "size": size})
+    return disks
+
+
 def disks_in(state) -> list[dict]:
     """Each ``"disk": {"path": ..., "size": ...}`` a device state holds, at any depth."""
     found = []
@@ -117,6 +137,7 @@ def _write(machine, path: Path) -> dict:
             manifest_devices.append({"name": ctx.name, "kind": kind, "distribution": dist,
                                      "version": version, "state_version": state.get("version")})
             disks += [dict(d, device=ctx.name) for d in disks_in(state)]
+        disks += block_disks(machine)
         tsc_khz = machine.vm.tsc_khz() or (machine.vcpus[0].tsc_khz() if machine.vcpus else None)
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -141,6 +162,16 @@ def check_snapshot(snap: Snapshot, *, force: bool = False) -> None:
     """What can be checked without KVM: the state's shape, the disks, the
     plugins' versions.  SnapshotError names what does not fit."""
     state, manifest, where = snap.state, snap.manifest, snap.path / "state.json"
+    paths, counts = {}, {}
+    for table in snap.config.devices:             # the disk each device uses now (--set may move it)
+        index = counts.get(table.kind, 0)
+        counts[table.kind] = index + 1
+        if isinstance(table.values.get("path"), str):
+            paths[f"{table.kind}.{index}"] = (table.base_dir / table.values["path"]).absolute()
+    for disk in manifest.get("disks") or ():
+        if not isinstance(disk, dict):
+            raise SnapshotError(f"{snap.path / 'manifest.json'}: \"disks\" is malformed")
+        _check_disk(disk, paths.get(disk.get("device")) or Path(str(disk.get("path"))), force)
     try:
         vcpu_state.check_vm(state.get("vm"))
         vcpus = state.get("vcpus")
@@ -169,12 +200,9 @@ def check_snapshot(snap: Snapshot, *, force: bool = False) -> None:
             raise SnapshotError(f"device {d.get('name')}: the snapshot was taken with "
                                 f"{d['distribution']} {d.get('version')}, {version} is installed: "
                                 "restore with the version that took it")
-    for disk in manifest.get("disks") or ():
-        _check_disk(disk, snap, force)
 
 
-def _check_disk(disk, snap: Snapshot, force: bool) -> None:
-    path = Path(str(disk.get("path")))
+def _check_disk(disk: dict, path: Path, force: bool) -> None:
     try:
         st = path.stat()
     except OSError as e:

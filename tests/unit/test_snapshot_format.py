@@ -167,3 +167,27 @@ def test_disks_are_found_at_any_depth_of_a_device_state():
     state = {"version": 1, "virtio": [{"model": {"disk": {"path": "/d.img", "size": 512}}}],
              "device": {"disk": {"path": 3}}}
     assert disks_in(state) == [{"path": "/d.img", "size": 512}]
+
+
+def test_a_disk_that_changed_size_is_refused_unless_forced(tmp_path, capsys):
+    from kvmkit.snapshot import check_snapshot
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    table = DeviceTable("virtio-blk", {"path": "disk.img"}, "m.toml: device[0]", tmp_path)
+    path = write(tmp_path / "s", config([table]))
+    os.chmod(path / "manifest.json", 0o600)
+    manifest = json.loads((path / "manifest.json").read_bytes())
+    manifest["disks"] = [{"device": "virtio-blk.0", "path": str(disk), "size": 4096}]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    snap = read(path)
+    disk.write_bytes(bytes(8192))
+    with pytest.raises(SnapshotError, match=r"virtio-blk.0: disk .*disk.img is 8192 bytes, it was "
+                                            r"4096 .*--force"):
+        check_snapshot(snap)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(bytes(4096))                  # --set virtio-blk.0.path=copy.img: that is checked
+    assert main(["run", "--restore", str(path), "--set", f"virtio-blk.0.path={copy}"]) == 2
+    err = capsys.readouterr().err
+    assert "8192" not in err and err.count("\n") == 1, err     # got past the disk check
+    assert main(["run", "--restore", str(path)]) == 2
+    assert "8192 bytes" in capsys.readouterr().err
