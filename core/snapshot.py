@@ -95,6 +95,8 @@ def take(machine, path, *, resume: bool = False) -> dict:
     was_paused = machine.paused
     t0 = time.monotonic()
     machine.pause()
+    if not machine.paused:                        # pause() does nothing to a stopping VM
+        raise SnapshotError("the VM is stopping; it cannot be snapshotted")
     try:
         result = _write(machine, Path(path))
     except BaseException:

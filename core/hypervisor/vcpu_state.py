@@ -22,6 +22,13 @@ Time: a restored guest's clocks jump forward by the wall-clock time that
 passed since the snapshot (its TSC by that many ticks at the saved rate, its
 kvmclock by that many nanoseconds), as if it had been paused; its timers
 that fell due in between fire at once.
+
+On the nested paravirtual KVM of the project's machines (kvm_pvm) every
+ioctl above works, but the TSC is not the guest's own: KVM ignores
+host-initiated writes of MSR_IA32_TSC (a read returns the host's count) and
+the guest's RDTSC reads the host's TSC at a fixed offset.  A restored
+guest's TSC-based clock there moves on by the real time since the snapshot
+whatever is set; it cannot be put back.
 """
 from __future__ import annotations
 
