@@ -17,6 +17,8 @@ import pytest
 from guest import KVMKIT, initrd_with_hooks, machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
+pytest.importorskip("kvmkit.device_state", reason="the devices' state (kvmkit.device_state) is "
+                    "not in this tree")
 
 LAST = 8                        # the guest counts to this, then powers off
 SNAPSHOT_AT = 3                 # the count after which the snapshot is taken

@@ -191,3 +191,25 @@ def test_a_disk_that_changed_size_is_refused_unless_forced(tmp_path, capsys):
     assert "8192" not in err and err.count("\n") == 1, err     # got past the disk check
     assert main(["run", "--restore", str(path)]) == 2
     assert "8192 bytes" in capsys.readouterr().err
+
+
+def test_the_acpi_platform_and_reset_control_come_back_with_their_timer_moved_on():
+    from kvmkit import chipset
+    from kvmkit.acpi import platform
+    now = [100.0]
+    p = platform.AcpiPlatform(lambda *a: None, clock=lambda: now[0])
+    p.write(platform.PM1_EN, 2, 0x121)
+    p.write(platform.OSPM, 1, 1)                       # the guest's _INI ran
+    now[0] += 2.0
+    saved = p.save_state()
+    assert saved["timer_s"] == 2.0 and json.loads(json.dumps(saved)) == saved
+    now[0] = 5000.0                                    # another process: another clock
+    q = platform.AcpiPlatform(lambda *a: None, clock=lambda: now[0])
+    q.restore_state(saved, elapsed_s=3.0)
+    assert q.ospm_ready and q.read(platform.PM1_EN, 2) == 0x121
+    assert q.read(platform.PM_TMR, 4) == int(5.0 * platform.PM_TIMER_HZ) & 0xFFFFFFFF
+    r = chipset.ResetControl(lambda *a: None)
+    r.write(0, 1, chipset.SYS_RST)
+    s = chipset.ResetControl(lambda *a: None)
+    s.restore_state(r.save_state())
+    assert s.read(0, 1) == chipset.SYS_RST
