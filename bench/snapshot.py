@@ -11,9 +11,9 @@ counting and writing each count to a port.  Reported:
   memory mapped, vCPU and VM state set) and to the guest's next port write;
 * restore, the command: ``kvmkit -vv run --restore`` from exec to its log's
   "first KVM_RUN" (Python start-up and imports included);
-* N guests restored from one snapshot at once: their summed proportional set
-  size (PSS: pages shared through the page cache are split among them)
-  against one guest's.
+* N guests restored from one snapshot at once, each reading all the filled
+  memory: their summed proportional set size (PSS: pages shared through the
+  page cache are split among them) against one guest's.
 
     .venv/bin/python bench/snapshot.py [--runs 3] [--memory 256] [--touched 64] [--guests 8]
 """
@@ -39,8 +39,23 @@ from kvmkit.machine import Machine  # noqa: E402
 from report import Figure, table  # noqa: E402
 
 PORT = 0x510
-COUNT = bytes([0x48, 0xFF, 0xC3, 0x89, 0xD8, 0x66, 0xBA, PORT & 0xFF, PORT >> 8, 0xEF,
-               0xEB, 0xF4])   # loop: inc rbx; mov eax, ebx; mov dx, PORT; out dx, eax; jmp loop
+FILLED_AT = 32 << 20
+
+
+def count_code(touched_mib: int) -> bytes:
+    """loop: count in rbx; read one page of the filled memory (cycling through
+    it, as a working set); write the count to PORT."""
+    pages = touched_mib * 256
+    assert pages & (pages - 1) == 0, "--touched must be a power of two"
+    code = bytes([0x48, 0xFF, 0xC3,                                   # inc rbx
+                  0x48, 0x89, 0xD8,                                   # mov rax, rbx
+                  0x25]) + (pages - 1).to_bytes(4, "little") + bytes([  # and eax, pages - 1
+                  0x48, 0xC1, 0xE0, 0x0C,                             # shl rax, 12
+                  0x8A, 0x88]) + FILLED_AT.to_bytes(4, "little") + bytes([  # mov cl, [rax + FILLED_AT]
+                  0x89, 0xD8,                                         # mov eax, ebx
+                  0x66, 0xBA, PORT & 0xFF, PORT >> 8,                 # mov dx, PORT
+                  0xEF])                                              # out dx, eax
+    return code + bytes([0xEB, (-(len(code) + 2)) & 0xFF])            # jmp loop
 
 
 class Port:
@@ -61,10 +76,10 @@ def make_snapshot(path: Path, memory_mib: int, touched_mib: int) -> float:
     cfg = MachineConfig("bench-snap", memory_mib << 20, 1, KernelConfig(Path("/nonexistent"), None, ""))
     m = Machine(cfg)
     m.build_platform()
-    tiny.long_mode(m, COUNT)
+    tiny.long_mode(m, count_code(touched_mib))
     chunk = os.urandom(1 << 20)
     for i in range(touched_mib):
-        m.memory.write((32 + i) << 20, chunk)
+        m.memory.write(FILLED_AT + (i << 20), chunk)
     port = Port()
     m.pio.add(PORT, 4, port, threading.RLock(), "bench")
     took = {}
@@ -139,12 +154,19 @@ def main(argv=None) -> int:
             first_out.append(f)
             ms, _ = restore_command(path, f"bench-restore-{os.getpid()}")
             command.append(ms)
+        _ms, alone = restore_command(Path(d) / "snap0", f"bench-alone-{os.getpid()}", hold=True)
+        try:
+            time.sleep(3)
+            one = pss_kib(alone.pid) / 1024
+        finally:
+            alone.terminate()
+            alone.wait(10)
         procs = []
         try:
             for i in range(args.guests):
                 _ms, proc = restore_command(Path(d) / "snap0", f"bench-many-{os.getpid()}-{i}", hold=True)
                 procs.append(proc)
-            time.sleep(1)
+            time.sleep(3)                      # each guest reads all the filled pages
             each = [pss_kib(p.pid) / 1024 for p in procs]
         finally:
             for p in procs:
@@ -159,7 +181,7 @@ def main(argv=None) -> int:
         Figure("snapshot", "restore in process: to the guest's next output", "ms", first_out),
         Figure("snapshot", "`kvmkit run --restore`: exec to first KVM_RUN", "ms", command),
         Figure("snapshot", f"{args.guests} restored guests: summed PSS", "MiB", [sum(each)],
-               peer="one guest's PSS", peer_samples=[each[0]]),
+               peer="one guest alone", peer_samples=[one]),
     ]
     print(table(figures))
     return 0
