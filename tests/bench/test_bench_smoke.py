@@ -79,3 +79,14 @@ def test_bench_run_prints_one_table(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| group | figure |" in r.stdout and "virtio-blk" in r.stdout and "CPU:" in r.stdout
+
+
+@NEED_KVM
+def test_snapshot(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "snapshot.py"), "--runs", "1",
+                        "--memory", "64", "--touched", "4", "--guests", "2", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| snapshot |")]
+    assert len(rows) == 6 and all(" - " not in row.split("|")[4] for row in rows), r.stdout
+    assert list(tmp_path.iterdir()) == []
