@@ -2,6 +2,7 @@
 in a register and in memory, writing each count to a port, is snapshotted
 while it runs; two machines restored from the snapshot each go on from the
 saved count: their first write is the next count."""
+import os
 import threading
 import time
 
@@ -227,3 +228,54 @@ def test_a_vcpu_paused_after_an_in_exit_is_saved_with_the_value_read(tmp_path):
     stopper.start()
     tiny.run(m2)
     assert port2.values == [0x1234] and port2.reads == 0
+
+
+def kvmkit(*args, timeout=60):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "kvmkit", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def counter_in(path) -> int:
+    with open(path / "memory", "rb") as f:
+        f.seek(COUNTER)
+        return int.from_bytes(f.read(8), "little")
+
+
+def test_the_commands_snapshot_a_restored_vm_and_restore_it_again(tmp_path):
+    """`kvmkit run --restore` runs the counting guest (nobody claims its port);
+    `kvmkit snapshot NAME PATH --resume` saves it and lets it run on,
+    `kvmkit snapshot NAME PATH` leaves it paused; each snapshot's counter is
+    further on; a bad snapshot path is refused with one line."""
+    import subprocess
+    import sys
+    first = tmp_path / "first"
+    snapshot_counting_guest(first, after=50)
+    name = f"snap-tiny-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "kvmkit", "run", "--restore", str(first),
+                             "--name", name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while kvmkit("status", name).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        r = kvmkit("snapshot", name, str(tmp_path / "second"), "--resume")
+        assert r.returncode == 0 and "the VM is running" in r.stdout, r
+        time.sleep(0.5)
+        r = kvmkit("snapshot", name, str(tmp_path / "third"))
+        assert r.returncode == 0 and "the VM is paused" in r.stdout, r
+        assert "paused" in kvmkit("status", name).stdout
+        r = kvmkit("snapshot", name, str(tmp_path / "third"))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "already exists" in r.stderr, r
+        assert kvmkit("kill", name).returncode == 0
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, err                    # killed
+    a, b, c = (counter_in(tmp_path / n) for n in ("first", "second", "third"))
+    assert a < b < c, (a, b, c)
+    values, _ = restore_and_run(tmp_path / "third", writes=5)
+    assert values == list(range(c + 1, c + 6))
