@@ -278,4 +278,6 @@ def test_the_commands_snapshot_a_restored_vm_and_restore_it_again(tmp_path):
     a, b, c = (counter_in(tmp_path / n) for n in ("first", "second", "third"))
     assert a < b < c, (a, b, c)
     values, _ = restore_and_run(tmp_path / "third", writes=5)
-    assert values == list(range(c + 1, c + 6))
+    # The pause may have caught the guest between its store and its OUT (no
+    # exit told where it was): its next write is the stored count or the next.
+    assert values[0] in (c, c + 1) and values[:5] == list(range(values[0], values[0] + 5)), (c, values[:5])
