@@ -77,6 +77,15 @@ def _print_plugins(entries, as_json: bool, as_markdown: bool = False) -> int:
 
 
 def cmd_check(args) -> int:
+    if getattr(args, "restore", None):
+        from .cli_snapshot import prepare_restore
+        from .preflight import format_size
+        snap, config, _pm, _checked = prepare_restore(args)
+        devices = ", ".join(t.kind for t in config.devices) or "none"
+        print(f"ok: restore {snap.path}: {config.name}: {config.vcpus} vCPU"
+              f"{'s' if config.vcpus != 1 else ''}, {format_size(config.memory)} memory, "
+              f"devices: {devices} (the host's CPU is checked when it runs)")
+        return 0
     from .config import Problems
     from .machine_flags import machine_config
     from .preflight import check_machine

@@ -65,9 +65,9 @@ def apply_sets(config, sets: list[str]):
     return dataclasses.replace(config, devices=tuple(devices))
 
 
-def run_restore(args, run) -> int:
-    """`kvmkit run --restore PATH`: ``run(config, ready, pm, checked, snapshot=...)``
-    is cli._run.  Every check is made before a socket or a VM exists."""
+def prepare_restore(args):
+    """The snapshot ``--restore`` names with the flags applied, checked as far
+    as it can be without KVM: (snapshot, config, plugin manager, checked machine)."""
     import dataclasses
 
     from .config import parse_name
@@ -89,6 +89,13 @@ def run_restore(args, run) -> int:
     check_snapshot(snap, force=args.force)
     pm = new_manager()
     checked = check_machine(config, pm)
+    return snap, config, pm, checked
+
+
+def run_restore(args, run) -> int:
+    """`kvmkit run --restore PATH`: ``run(config, ready, pm, checked, snapshot=...)``
+    is cli._run.  Every check is made before a socket or a VM exists."""
+    snap, config, pm, checked = prepare_restore(args)
     if args.detach:
         from .detach import run_detached
         return run_detached(config.name, lambda ready: run(config, ready, pm, checked, snapshot=snap))

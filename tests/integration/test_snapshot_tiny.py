@@ -253,6 +253,8 @@ def test_the_commands_snapshot_a_restored_vm_and_restore_it_again(tmp_path):
     first = tmp_path / "first"
     snapshot_counting_guest(first, after=50)
     name = f"snap-tiny-{os.getpid()}"
+    r = kvmkit("check", "--restore", str(first))
+    assert r.returncode == 0 and r.stdout.startswith(f"ok: restore {first}: tiny: 1 vCPU, 16M memory"), r
     proc = subprocess.Popen([sys.executable, "-m", "kvmkit", "run", "--restore", str(first),
                              "--name", name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

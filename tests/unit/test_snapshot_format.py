@@ -213,3 +213,12 @@ def test_the_acpi_platform_and_reset_control_come_back_with_their_timer_moved_on
     s = chipset.ResetControl(lambda *a: None)
     s.restore_state(r.save_state())
     assert s.read(0, 1) == chipset.SYS_RST
+
+
+def test_check_restore_checks_a_snapshot_without_starting_it(tmp_path, capsys):
+    table = DeviceTable("serial8250", {}, "m.toml: device[0]", tmp_path)
+    path = write(tmp_path / "s", config([table]))
+    assert main(["check", "--restore", str(path)]) == 2       # no vCPU state in this one
+    assert "irqchip" in capsys.readouterr().err
+    assert main(["check", "--restore", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
