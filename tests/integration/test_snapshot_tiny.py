@@ -10,6 +10,7 @@ import pytest
 
 import tiny
 from kvmkit import snapshot, snapshot_format
+from kvmkit.hypervisor._kvm import lib
 from kvmkit.hypervisor.kvm import Kvm
 from kvmkit.machine import Machine, MachineError
 
@@ -50,13 +51,13 @@ def kvm():
     tiny.need_kvm()
 
 
-def snapshot_counting_guest(path, after: int = 300):
+def snapshot_counting_guest(path, after: int = 300, vcpus: int = 1):
     """Run the counting guest, snapshot it (left paused) after ``after``
     writes, stop it; the port's writes and the snapshot's result."""
-    m = tiny.machine()
+    m = tiny.machine(vcpus)
     port = Port(after)
     m.pio.add(PORT, 4, port, threading.RLock(), "counter")
-    tiny.long_mode(m, COUNT)
+    tiny.long_mode(m, COUNT, vcpus)
     taken = {}
 
     def snap():
@@ -113,6 +114,22 @@ def test_a_counting_guest_restored_twice_goes_on_from_the_saved_count(tmp_path):
         after, in_memory = restore_and_run(path)
         assert in_memory == saved
         assert after[:50] == list(range(saved + 1, saved + 51)), (saved, after[:5])
+
+
+def test_an_application_processor_waiting_for_its_start_up_ipi_is_restored_waiting(tmp_path):
+    path = tmp_path / "snap"
+    values, taken = snapshot_counting_guest(path, vcpus=2)
+    saved = values[taken["writes"] - 1]
+    snap = snapshot_format.read(path)
+    m = Machine(snap.config)
+    try:
+        m.build(snap)
+        states = [v.get_mp_state() for v in m.vcpus]
+    finally:
+        m.close()
+    assert states[1] != lib.KVM_MP_STATE_RUNNABLE and states[0] == lib.KVM_MP_STATE_RUNNABLE, states
+    after, _ = restore_and_run(path, writes=20)
+    assert after[:20] == list(range(saved + 1, saved + 21))
 
 
 def test_snapshot_into_an_existing_path_fails_and_the_vm_runs_on(tmp_path):
