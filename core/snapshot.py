@@ -112,18 +112,18 @@ def take(machine, path, *, resume: bool = False) -> dict:
 
 
 def _write(machine, path: Path) -> dict:
-    devices = []
-    if machine.devices:
-        from .device_state import StateUnsupported, save_device
-        for ctx, device in machine.devices:
-            try:
-                state = save_device(ctx, device)
-            except StateUnsupported as e:
-                raise SnapshotError(str(e)) from None
-            devices.append((ctx, device, state))
-    with Writer(path) as writer:
+    with Writer(path) as writer:                  # refuses an existing PATH before anything is done
         for vcpu in machine.vcpus:
             vcpu.complete_pending()
+        devices = []
+        if machine.devices:
+            from .device_state import StateError, StateUnsupported, save_device
+            for ctx, device in machine.devices:
+                try:
+                    state = save_device(ctx, device)
+                except (StateUnsupported, StateError) as e:
+                    raise SnapshotError(str(e)) from None
+                devices.append((ctx, device, state))
         structs = vcpu_state.structs_of(machine.kvm)
         msrs = machine.kvm.msr_index_list()
         vcpus = [vcpu_state.save_vcpu(v, structs, msrs) for v in machine.vcpus]

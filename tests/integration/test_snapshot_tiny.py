@@ -300,3 +300,34 @@ def test_the_commands_snapshot_a_restored_vm_and_restore_it_again(tmp_path):
     # The pause may have caught the guest between its store and its OUT (no
     # exit told where it was): its next write is the stored count or the next.
     assert values[0] in (c, c + 1) and values[:5] == list(range(values[0], values[0] + 5)), (c, values[:5])
+
+
+def test_a_device_without_state_support_refuses_the_snapshot_and_the_vm_runs_on(tmp_path):
+    pytest.importorskip("kvmkit.device_state")
+    from kvmkit.device_context import DeviceContext
+    path = tmp_path / "snap"
+    m = tiny.machine()
+    port = Port(50)
+    m.pio.add(PORT, 4, port, threading.RLock(), "counter")
+    m.devices.append((DeviceContext(m, "stateless.0"), object()))     # no snapshot_state()
+    tiny.long_mode(m, COUNT)
+    seen = {}
+
+    def snap():
+        port.reached.wait(30)
+        try:
+            snapshot.take(m, path)
+        except snapshot_format.SnapshotError as e:
+            seen["error"] = str(e)
+        n = len(port.values)
+        time.sleep(0.3)
+        seen["ran_on"] = len(port.values) > n and not m.paused
+        m.request_stop("test done", 0)
+
+    t = threading.Thread(target=snap)
+    t.start()
+    tiny.run(m)
+    t.join()
+    assert "stateless.0" in seen.get("error", "") and "\n" not in seen["error"], seen
+    assert seen["ran_on"] is True
+    assert list(tmp_path.iterdir()) == []
