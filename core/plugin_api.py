@@ -54,6 +54,7 @@ __all__ = [
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "EXIT_GUEST_HALTED", "EXIT_STALLED", "ConfigSpace", "VirtioDevice",
     "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog", "listen_unix_socket",
+    "StateUnsupported",
 ]
 
 PIO = "pio"
@@ -325,6 +326,7 @@ _REEXPORTS = {
     "VirtqueueError": "kvmkit.virtio.queue",
     "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
     "listen_unix_socket": "kvmkit.host_socket",   # a socket backend's listener
+    "StateUnsupported": "kvmkit.device_state",    # snapshot_state() of a device that cannot
 }
 
 
