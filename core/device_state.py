@@ -78,8 +78,14 @@ def _pci_configs(ctx) -> list:
 
 
 def _own_state(ctx, obj) -> Any:
-    """``obj.snapshot_state()``, checked to be JSON-able."""
-    state = obj.snapshot_state()
+    """``obj.snapshot_state()``, checked to be JSON-able; a refusal names the device."""
+    try:
+        state = obj.snapshot_state()
+    except StateUnsupported as e:
+        message = str(e)
+        if not message.startswith(f"device {ctx.name}"):
+            raise StateUnsupported(f"device {ctx.name}: {message}") from None
+        raise
     problem = _not_plain(state)
     if problem:
         raise StateError(f"device {ctx.name}: snapshot_state() returned {problem}; it must return "
@@ -147,8 +153,8 @@ def _save_runtime(ctx, runtime) -> dict:
 
 
 def _queue_layout(queue) -> dict:
-    return {"size": queue.size, "desc": queue.desc_addr, "avail": queue.avail_addr,
-            "used": queue.used_addr, "event_idx": bool(queue.event_idx),
+    return {"size": queue.size, "desc_addr": queue.desc_addr, "avail_addr": queue.avail_addr,
+            "used_addr": queue.used_addr, "event_idx": bool(queue.event_idx),
             "indirect": bool(queue.indirect), **queue.save_indices()}
 
 
@@ -245,8 +251,9 @@ def _restore_bare(ctx, model, saved: dict) -> None:
         if layout is None:
             queues.append(None)
             continue
-        queue = backend.split_queue(ctx.memory, layout["size"], layout["desc"], layout["avail"],
-                                    layout["used"], event_idx=layout["event_idx"],
+        queue = backend.split_queue(ctx.memory, layout["size"], layout["desc_addr"],
+                                    layout["avail_addr"], layout["used_addr"],
+                                    event_idx=layout["event_idx"],
                                     indirect=layout["indirect"])
         queue.restore_indices(layout)
         queues.append(queue)

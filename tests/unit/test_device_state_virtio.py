@@ -176,3 +176,18 @@ def test_a_device_without_state_support_is_refused_naming_it():
     ctx = m.context("gadget.0")
     with pytest.raises(StateUnsupported, match="^device gadget.0: its plugin has no state support"):
         save_device(ctx, object())
+
+
+def test_a_model_that_refuses_is_named_in_the_refusal():
+    from kvmkit.plugin_api import StateUnsupported as Refusal
+
+    class Mounted(Counter):
+        def snapshot_state(self):
+            raise Refusal("share mounted; unmount it first")
+
+    m = FakeMachine(GuestMemory(MEM, backing=bytearray(MEM)))
+    ctx = m.context("fs.0")
+    model = Mounted()
+    ctx.add_virtio(model, queue="python")
+    with pytest.raises(StateUnsupported, match="^device fs.0: share mounted; unmount it first$"):
+        save_device(ctx, model)
