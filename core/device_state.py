@@ -27,6 +27,9 @@ for a request that was taken before the save.  A model that holds chains
 across ``process`` calls must give them back in ``snapshot_state`` (see
 virtio-net's receive buffers).
 
+Save the devices before guest memory is written out: completing what was in
+flight writes guest memory (used rings, request data, status bytes).
+
 Restore: call :func:`restore_device` on a machine built from the same
 configuration that has not run (no vCPU has entered the guest), with guest
 memory already holding the saved RAM, and after the in-kernel irqchip (and
