@@ -51,7 +51,7 @@ from .virtio.queue import MAX_QUEUE_SIZE, avail_ring_size, desc_table_size, used
 __all__ = ["ContractFailure", "ContractSetupError", "KindUnderTest", "KindContract", "CHECKS",
            "project_distribution", "kinds_of", "distribution_readme"]
 
-CHECKS = ("loads", "hooks", "spec", "keys", "readme", "device")
+CHECKS = ("loads", "hooks", "spec", "keys", "readme", "device", "state")
 SUPPORTED_TYPES = (int, bool, str, float, Path, Size, list)
 KEY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -311,8 +311,26 @@ class KindContract:
         """Create, start, fuzz and close the device once per example table in
         ``configs`` (relative paths resolve against ``base_dir``); with no
         tables, once with the defaults."""
-        spec = self.spec()
         pm = self.manager()
+        for n, (label, config) in enumerate(self.configs(configs, base_dir)):
+            _DeviceRun(self, pm, config, label, allowed_errors, random.Random(seed + n),
+                       accesses, virtio_rounds, thread_grace).run()
+
+    def check_state(self, configs: Iterable[Mapping[str, Any]] | None, base_dir: Path, *,
+                    seed: int = 0) -> None:
+        """The device's state for snapshots (kvmkit.contract_state): once per
+        example table (and queue backend), saved mid-operation and restored
+        into a fresh instance, it saves the same state again and behaves the
+        same."""
+        from .contract_state import StateRun
+        pm = self.manager()
+        for n, (label, config) in enumerate(self.configs(configs, base_dir)):
+            StateRun(self, pm, config, label, random.Random(seed + n)).run()
+
+    def configs(self, configs: Iterable[Mapping[str, Any]] | None, base_dir: Path) -> list:
+        """(label, validated DeviceConfig) per example table; a virtio kind's
+        tables once per installed queue backend; no tables: the defaults."""
+        spec = self.spec()
         tables = [dict(c) for c in configs] if configs else []
         if not tables:
             required = [k.name for k in spec.keys if k.required]
@@ -325,6 +343,7 @@ class KindContract:
         if spec.key("queue") is not None:      # a virtio kind: every installed queue backend
             tables = [t if "queue" in t else {**t, "queue": q}
                       for t in tables for q in installed_queue_backends()]
+        out = []
         for n, raw in enumerate(tables):
             label = f"{self.kind} with {raw}" if raw else f"{self.kind} with its defaults"
             table = DeviceTable(self.kind, raw, f"contract table {n} ({self.kind})", base_dir)
@@ -332,8 +351,8 @@ class KindContract:
                 config = validate_device(table, spec)
             except ConfigError as e:
                 raise ContractFailure(f"example table {n} does not validate: {e}") from None
-            _DeviceRun(self, pm, config, label, allowed_errors, random.Random(seed + n),
-                       accesses, virtio_rounds, thread_grace).run()
+            out.append((label, config))
+        return out
 
 
 def installed_queue_backends() -> list[str]:

@@ -99,7 +99,9 @@ class FakeMachine:
 
     def run_kicks(self) -> None:
         """Do what the virtio workers would: for every queue whose kick
-        eventfd is readable, run ``transport.notify`` (under the device lock)."""
+        eventfd is readable, run ``transport.notify``, and for every engine
+        whose event fd is readable, its ``service()`` (under the device lock)."""
+        import select
         for runtime in self.virtio:
             for i, fd in enumerate(runtime.queue_fds):
                 if i in runtime.offloads:
@@ -110,6 +112,10 @@ class FakeMachine:
                     continue
                 with runtime.ctx.lock:
                     runtime.transport.notify(i)
+            for i, engine in list(runtime.offloads.items()):
+                if select.select([engine.event_fd], [], [], 0)[0]:
+                    with runtime.ctx.lock:
+                        runtime._service(i, engine)
 
     def close(self) -> None:
         self.stopping.set()

@@ -205,11 +205,14 @@ class ContractItem(pytest.Item):
         contract, kind = self.contract, self.contract.kind
         if self.check == "readme":
             contract.check_readme(distribution_readme(contract.target.distribution))
-        elif self.check == "device":
+        elif self.check in ("device", "state"):
             hook = self.config.hook
             with tempfile.TemporaryDirectory(prefix="kvmkit-contract-") as tmp:
                 tmp_path = Path(tmp)
                 configs = hook.pytest_kvmkit_contract_configs(kind=kind, tmp_path=tmp_path)
+                if self.check == "state":
+                    contract.check_state(configs, tmp_path, seed=zlib.crc32(kind.encode()))
+                    return
                 allowed = tuple(e for result in hook.pytest_kvmkit_contract_allowed_errors(kind=kind)
                                 for e in (result or ()))
                 contract.check_device(configs, tmp_path, allowed_errors=allowed,
