@@ -23,6 +23,8 @@ Per kind:
             virtio device, of its configuration space and of garbage rings)
             raising nothing but what it documents, and after ``close()``
             leaves no thread running
+``state``   saved mid-operation and restored into a fresh instance, it saves
+            the same state and behaves the same (:mod:`kvmkit.contract_state`)
 """
 from __future__ import annotations
 

@@ -34,7 +34,21 @@ from .memory import GuestMemory
 from .plugin_api import MMIO, PIO, PROJECT, DeviceConfig, DeviceError
 
 __all__ = ["FakeIrqLine", "FakeContext", "pio", "mmio", "config", "plugin_manager",
-           "VirtioTestDriver", "EngineHost", "ContractFailure", "KindContract"]
+           "VirtioTestDriver", "EngineHost", "ContractFailure", "KindContract",
+           "FakeMachine", "PciVirtioDriver"]
+
+# A machine without KVM under the core's real device context, virtio-pci
+# transport and BAR mapping, and a virtio-pci driver for it (snapshot tests):
+# imported on first use.
+_LAZY = {"FakeMachine": "kvmkit.fake_machine", "PciVirtioDriver": "kvmkit.virtio.pci_test_driver"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(module), name)
 
 
 class FakeIrqLine:
