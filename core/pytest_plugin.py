@@ -34,6 +34,7 @@ import pytest
 from .bus import Bus
 from .contract import (CHECKS, ContractFailure, ContractSetupError, KindContract, KindUnderTest,
                        distribution_readme, kinds_of, project_distribution)
+from .fakes import FakeContext, FakeIrqLine
 from .memory import GuestMemory
 from .plugin_api import MMIO, PIO
 from .virtio_test_driver import VirtioTestDriver
@@ -83,7 +84,6 @@ def guest_memory() -> GuestMemory:
 @pytest.fixture
 def irq_line():
     """A :class:`~kvmkit.testing.FakeIrqLine` (GSI 5) that records levels and pulses."""
-    from .testing import FakeIrqLine
     return FakeIrqLine(IRQ_LINE_GSI)
 
 
@@ -105,7 +105,6 @@ def device_context(guest_memory, pio_bus, mmio_bus):
     """A :class:`~kvmkit.testing.FakeContext` named ``test.0`` on
     ``guest_memory`` whose ranges also go on ``pio_bus``/``mmio_bus``;
     closed after the test (which fails if a device thread is still running)."""
-    from .testing import FakeContext
     ctx = FakeContext("test.0", memory=guest_memory, buses={PIO: pio_bus, MMIO: mmio_bus})
     yield ctx
     ctx.close()

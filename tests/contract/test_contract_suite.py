@@ -353,7 +353,7 @@ def test_the_virtio_blk_contract_starts_the_native_engine(tmp_path):
     assert len(started) == 3, keep.lines[-10:]
 
 
-# -- the state chapter (kvmkit.contract_state) ---------------------------------------------------
+# -- the state chapter (kvmkit.contract.state) ----------------------------------------------------
 def test_state_a_device_without_state_support_fails_saying_what_to_add(throwaway_dist, tmp_path):
     source = GOOD.replace("    def snapshot_state(self):", "    def _no_snapshot_state(self):")
     with pytest.raises(ContractFailure, match="device scratch.0: its plugin has no state support.*"

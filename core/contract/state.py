@@ -29,9 +29,10 @@ import random
 import time
 from typing import Any
 
-from .contract import ContractFailure
-from .device_state import StateError, StateUnsupported, restore_device, save_device
-from .plugin_api import MMIO, PIO, VirtqueueError
+from ..device_state import StateUnsupported, restore_device, save_device
+from ..fakes import FakeContext
+from ..plugin_api import MMIO, PIO, VirtqueueError
+from .base import ContractFailure
 
 __all__ = ["StateRun"]
 
@@ -126,7 +127,6 @@ class StateRun:
 
     # -- register devices --------------------------------------------------------------------
     def _registers(self, rng: random.Random) -> None:
-        from .testing import FakeContext
         kind = self.contract.kind
         a_ctx = FakeContext(f"{kind}.0", machine_name="contract", memory_size=MEMORY_SIZE)
         a = self._create(a_ctx)
@@ -180,9 +180,9 @@ class StateRun:
 
     # -- virtio devices ------------------------------------------------------------------------
     def _virtio(self, rng: random.Random) -> None:
-        from .fake_machine import FakeMachine
-        from .memory import GuestMemory
-        from .virtio.pci_test_driver import PciVirtioDriver
+        from ..fake_machine import FakeMachine
+        from ..memory import GuestMemory
+        from ..virtio.pci_test_driver import PciVirtioDriver
         kind = self.contract.kind
         ma = FakeMachine(GuestMemory(MEMORY_SIZE, backing=bytearray(MEMORY_SIZE)))
         ctx_a = ma.context(f"{kind}.0")
