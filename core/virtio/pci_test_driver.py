@@ -14,6 +14,7 @@ one's: a snapshot restored elsewhere is driven on from where it was.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Sequence
 
 from ..pci import PCI_CAP_ID_MSIX
@@ -135,13 +136,25 @@ class PciVirtioDriver:
         head = self.queues[queue].add(rd, wr)
         return head, wr
 
-    def notify(self, queue: int) -> list[tuple[int, int]]:
+    def notify(self, queue: int, wait: float = 2.0) -> list[tuple[int, int]]:
         """Kick ``queue`` through the notify area, run the kicked queues, and
-        return the used elements of ``queue`` since the last look."""
-        self.queues[queue].publish()
+        return the used elements of ``queue`` since the last look.  On a real
+        machine (no ``run_kicks``: the device's worker runs them) wait up to
+        ``wait`` seconds for all chains in flight to come back."""
+        q = self.queues[queue]
+        q.publish()
         self.write(self.bar + NOTIFY + queue * NOTIFY_MULTIPLIER, 2, queue)
-        self.machine.run_kicks()
-        return self.queues[queue].used()
+        run = getattr(self.machine, "run_kicks", None)
+        if run is not None:
+            run()
+            return q.used()
+        out: list[tuple[int, int]] = []
+        deadline = time.monotonic() + wait
+        while True:
+            out += q.used()
+            if not q.in_flight or time.monotonic() > deadline:
+                return out
+            time.sleep(0.002)
 
     def written(self, buffers, length: int) -> bytes:
         data = b"".join(self.memory.read(gpa, n) for gpa, n in buffers)
