@@ -191,3 +191,19 @@ def test_a_model_that_refuses_is_named_in_the_refusal():
     ctx.add_virtio(model, queue="python")
     with pytest.raises(StateUnsupported, match="^device fs.0: share mounted; unmount it first$"):
         save_device(ctx, model)
+
+
+@pytest.mark.parametrize("queue", ["python", "native"])
+def test_a_broken_queue_stays_broken_until_the_driver_resets(queue):
+    from kvmkit.virtio.pci_transport import STATUS_NEEDS_RESET
+    m, ctx, model, rt = machine_with(queue)
+    drv = PciVirtioDriver(m, rt)
+    drv.queues[0].submit_head(77)                     # a head outside the 8-entry table
+    drv.notify(0)
+    assert rt.transport.status & STATUS_NEEDS_RESET
+    state, m2, ctx2, model2, rt2 = restored_copy(m, ctx, model, queue)
+    assert state["virtio"][0]["transport"]["rings"][0]["broken"]
+    assert rt2.transport.status & STATUS_NEEDS_RESET and rt2.transport.active[0].broken
+    drv2 = PciVirtioDriver(m2, rt2, rings_at=0x40000, buffers_at=0x90000)   # reset, set up again
+    assert not rt2.transport.status & STATUS_NEEDS_RESET
+    assert count_of(drv2) == model2.count == 1
