@@ -19,6 +19,8 @@ class DeviceContext:
         self.log = logging.getLogger(f"kvmkit.device.{name}")
         self.threads: list[threading.Thread] = []
         self.pausables: list = []        # objects with pause()/resume(), called while the VM pauses
+        self.virtio_runtimes: list = []  # VirtioPciRuntime per add_virtio (kvmkit.device_state)
+        self.pci_functions: list = []    # (ConfigSpace, BarMapper) per add_pci (kvmkit.device_state)
 
     def add_io(self, space: str, base: int, size: int, handler) -> None:
         bus = {PIO: self._machine.pio, MMIO: self._machine.mmio}.get(space)
@@ -41,12 +43,14 @@ class DeviceContext:
         runtime = VirtioPciRuntime(self._machine, self, device, backend)
         self._machine.virtio.append(runtime)
         self.pausables.append(runtime)
+        self.virtio_runtimes.append(runtime)
         return runtime
 
     def add_pci(self, config, bars) -> int:
         """Put a plain PCI function on bus 0 (see plugin_api.DeviceContext.add_pci)."""
         from .pci_mapping import add_function
-        slot, _mapper = add_function(self._machine, self, config, bars)
+        slot, mapper = add_function(self._machine, self, config, bars)
+        self.pci_functions.append((config, mapper))
         return slot
 
     def on_shutdown_request(self, callback) -> None:

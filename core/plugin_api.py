@@ -54,6 +54,7 @@ __all__ = [
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "EXIT_GUEST_HALTED", "EXIT_STALLED", "ConfigSpace", "VirtioDevice",
     "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog", "listen_unix_socket",
+    "StateUnsupported",
 ]
 
 PIO = "pio"
@@ -284,6 +285,17 @@ class DeviceContext(Protocol):
         """Set once the VM is stopping; device threads poll or wait on it."""
 
 
+# Device state for snapshots (docs/hooks.md, "Device state"): a device object
+# (or a virtio model) may implement
+#
+#     def snapshot_state(self) -> dict        # plain data with a "version"; VM paused
+#     def restore_state(self, state) -> None  # on a fresh instance, before any vCPU runs
+#
+# kvmkit.device_state saves the virtio transport, MSI-X, PCI config space and
+# queue indices itself.  A device that cannot be saved now raises
+# StateUnsupported (re-exported below) from snapshot_state with the reason.
+
+
 class DevicePlugin:
     """A plugin providing one device kind: its spec, a factory
     ``factory(config, ctx) -> device`` and, optionally, a check
@@ -325,6 +337,7 @@ _REEXPORTS = {
     "VirtqueueError": "kvmkit.virtio.queue",
     "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
     "listen_unix_socket": "kvmkit.host_socket",   # a socket backend's listener
+    "StateUnsupported": "kvmkit.device_state",    # snapshot_state() of a device that cannot
 }
 
 

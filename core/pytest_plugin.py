@@ -34,6 +34,7 @@ import pytest
 from .bus import Bus
 from .contract import (CHECKS, ContractFailure, ContractSetupError, KindContract, KindUnderTest,
                        distribution_readme, kinds_of, project_distribution)
+from .fakes import FakeContext, FakeIrqLine
 from .memory import GuestMemory
 from .plugin_api import MMIO, PIO
 from .virtio_test_driver import VirtioTestDriver
@@ -83,7 +84,6 @@ def guest_memory() -> GuestMemory:
 @pytest.fixture
 def irq_line():
     """A :class:`~kvmkit.testing.FakeIrqLine` (GSI 5) that records levels and pulses."""
-    from .testing import FakeIrqLine
     return FakeIrqLine(IRQ_LINE_GSI)
 
 
@@ -105,7 +105,6 @@ def device_context(guest_memory, pio_bus, mmio_bus):
     """A :class:`~kvmkit.testing.FakeContext` named ``test.0`` on
     ``guest_memory`` whose ranges also go on ``pio_bus``/``mmio_bus``;
     closed after the test (which fails if a device thread is still running)."""
-    from .testing import FakeContext
     ctx = FakeContext("test.0", memory=guest_memory, buses={PIO: pio_bus, MMIO: mmio_bus})
     yield ctx
     ctx.close()
@@ -205,11 +204,14 @@ class ContractItem(pytest.Item):
         contract, kind = self.contract, self.contract.kind
         if self.check == "readme":
             contract.check_readme(distribution_readme(contract.target.distribution))
-        elif self.check == "device":
+        elif self.check in ("device", "state"):
             hook = self.config.hook
             with tempfile.TemporaryDirectory(prefix="kvmkit-contract-") as tmp:
                 tmp_path = Path(tmp)
                 configs = hook.pytest_kvmkit_contract_configs(kind=kind, tmp_path=tmp_path)
+                if self.check == "state":
+                    contract.check_state(configs, tmp_path, seed=zlib.crc32(kind.encode()))
+                    return
                 allowed = tuple(e for result in hook.pytest_kvmkit_contract_allowed_errors(kind=kind)
                                 for e in (result or ()))
                 contract.check_device(configs, tmp_path, allowed_errors=allowed,

@@ -173,6 +173,39 @@ class ConfigSpace:
             raise ConfigSpaceError(f"poke at {offset:#x}+{len(data)} is outside the config space")
         self._data[offset:offset + len(data)] = data
 
+    # -- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> str:
+        """The 256 bytes as the guest left them (hex)."""
+        return self._data.hex()
+
+    def restore_state(self, data: str) -> None:
+        """Put back what :meth:`save_state` returned, into a function with the
+        same layout (same BARs and capabilities), with the side effects the
+        guest's writes had: ``on_change`` sees the BARs and command register
+        change (so the owner maps the BARs where the guest put them), and
+        every capability's ``on_write`` and ``on_capability_write`` are
+        replayed with its body (so e.g. MSI-X is enabled again)."""
+        raw = bytes.fromhex(data)
+        if len(raw) != CONFIG_SPACE_SIZE:
+            raise ValueError(f"config space state holds {len(raw)} bytes, not {CONFIG_SPACE_SIZE}")
+        for name, offset, size in (("vendor id", VENDOR_ID, 2), ("device id", DEVICE_ID, 2),
+                                   ("class code", CLASS_CODE, 3), ("header type", HEADER_TYPE, 1),
+                                   ("capabilities pointer", CAPABILITIES_POINTER, 1)):
+            if raw[offset:offset + size] != self._data[offset:offset + size]:
+                raise ValueError(f"config space state is of another function (its {name} differs)")
+        old_command = self.command
+        old_bars = {i: self.bar_address(i) for i in self._bars}
+        self._data[:] = raw
+        self._notify(old_command, old_bars)
+        for cap in self._caps:
+            for off in range(0, cap.body_size, 4):
+                size = min(4, cap.body_size - off)
+                value = self._get(cap.body_start + off, size)
+                if cap.on_write is not None:
+                    cap.on_write(off, size, value)
+                if self.on_capability_write is not None:
+                    self.on_capability_write(cap.offset, off, size, value)
+
     # -- guest accesses ----------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         if size not in (1, 2, 4):

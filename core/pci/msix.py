@@ -164,6 +164,28 @@ class MsixTable:
             self.on_control_change(enabled, function_masked)
         self._flush()
 
+    # -- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The table and the pending bits (the enable and function-mask bits
+        live in the capability, in config space)."""
+        return {"entries": self._entries.hex(), "pending": self._pending}
+
+    def restore_state(self, state: dict) -> None:
+        """Put the table back: ``on_vector_change`` runs for every vector
+        whose entry differs from the reset state (so its route is set
+        again); the pending bits come back without a delivery (that happens
+        when the capability's control is restored and the vector is
+        deliverable)."""
+        entries = bytes.fromhex(state["entries"])
+        if len(entries) != self.size:
+            raise ValueError(f"MSI-X state holds {len(entries)} table bytes, the table has {self.size}")
+        self._entries[:] = entries
+        self._pending = int(state["pending"]) & ((1 << self.vectors) - 1)
+        if self.on_vector_change is not None:
+            for i in range(self.vectors):
+                if entries[i * MSIX_ENTRY_SIZE:(i + 1) * MSIX_ENTRY_SIZE] != _ENTRY_RESET:
+                    self.on_vector_change(i)
+
     # -- guest accesses to the table ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > self.size:

@@ -245,7 +245,10 @@ class VirtioPciTransport:
         if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             self._activate()
 
-    def _activate(self) -> None:
+    def _activate(self, rings: list | None = None) -> None:
+        """Build the enabled queues and activate the device; ``rings`` (a
+        restore) holds per queue the saved indices (SplitQueue.save_indices)
+        that each queue takes before the device sees it."""
         event_idx = bool(self.driver_features >> VIRTIO_F_RING_EVENT_IDX & 1)
         indirect = bool(self.driver_features >> VIRTIO_F_RING_INDIRECT_DESC & 1)
         active: list = []
@@ -254,15 +257,84 @@ class VirtioPciTransport:
                 active.append(None)
                 continue
             try:
-                active.append(self.queue_factory(self.memory, q.size, q.desc, q.driver, q.device,
-                                                 event_idx=event_idx, indirect=indirect))
+                queue = self.queue_factory(self.memory, q.size, q.desc, q.driver, q.device,
+                                           event_idx=event_idx, indirect=indirect)
             except VirtqueueError as e:
                 self.glog.warning(("unusable", i), "virtio device %d: queue %d unusable: %s",
                                   self.device.device_id, i, e)
                 self.needs_reset()
                 return
+            if rings is not None and i < len(rings) and rings[i] is not None:
+                queue.restore_indices(rings[i])
+            active.append(queue)
         self.active = active
         self.device.activate(active, self.driver_features)
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The registers, every queue's setup and the device-side indices of
+        the active queues (call with the device quiet: no chain popped and
+        not yet returned, engines paused).  The MSI-X table and the config
+        space are saved by their owners (``msix``, ``config``)."""
+        return {
+            "status": self.status,
+            "device_feature_select": self.device_feature_select,
+            "driver_feature_select": self.driver_feature_select,
+            "driver_features": self.driver_features,
+            "queue_select": self.queue_select,
+            "config_vector": self.config_vector,
+            "isr": self.isr,
+            "config_generation": self.device._config_generation,
+            "queues": [{"size": q.size, "vector": q.vector, "enabled": q.enabled,
+                        "desc": q.desc, "driver": q.driver, "device": q.device}
+                       for q in self.queues],
+            "activated": bool(self.active),
+            "rings": [None if q is None else q.save_indices() for q in self.active],
+        }
+
+    def restore_state(self, state: dict) -> None:
+        """Put the registers back on a fresh transport (same device) and, if
+        the device was running, activate it with its queues at the saved
+        indices.  Interrupts are not raised here (see :meth:`after_restore`)."""
+        queues = state["queues"]
+        if len(queues) != len(self.queues):
+            raise ValueError(f"virtio state has {len(queues)} queues, the device has {len(self.queues)}")
+        if self.active:
+            self.reset()
+        self.status = int(state["status"]) & 0xFF
+        self.device_feature_select = int(state["device_feature_select"]) & 0xFFFFFFFF
+        self.driver_feature_select = int(state["driver_feature_select"]) & 0xFFFFFFFF
+        self.driver_features = int(state["driver_features"]) & 0xFFFF_FFFF_FFFF_FFFF
+        self.queue_select = int(state["queue_select"]) & 0xFFFF
+        vector = int(state["config_vector"])
+        self.config_vector = vector if vector < self.vectors else NO_VECTOR
+        self.isr = int(state["isr"]) & (ISR_QUEUE | ISR_CONFIG)
+        self.device._config_generation = int(state["config_generation"])
+        for q, saved in zip(self.queues, queues):
+            size = int(saved["size"])
+            q.size = size if size and size <= q.max_size and size & (size - 1) == 0 else q.max_size
+            vector = int(saved["vector"])
+            q.vector = vector if vector < self.vectors else NO_VECTOR
+            q.enabled = bool(saved["enabled"])
+            q.desc, q.driver, q.device = (int(saved[k]) & 0xFFFF_FFFF_FFFF_FFFF
+                                          for k in ("desc", "driver", "device"))
+        if state["activated"]:
+            needs_reset = self.status & STATUS_NEEDS_RESET
+            self._activate(state["rings"])
+            self.status |= needs_reset
+        self.set_intx(bool(self.isr))
+
+    def after_restore(self) -> None:
+        """Once everything is back: an interrupt per active queue (a guest
+        driver takes a spurious one in its stride; a lost one could leave it
+        waiting for ever) and a notification of each, for chains made
+        available whose kick was still in flight at the save."""
+        if not self.status & STATUS_DRIVER_OK or self.status & STATUS_NEEDS_RESET:
+            return
+        for i, queue in enumerate(self.active):
+            if queue is not None:
+                self._interrupt(ISR_QUEUE, self.queues[i].vector)
+                self.kick(i)
 
     def needs_reset(self) -> None:
         """The driver broke the rules: stop using the queues until it resets us."""

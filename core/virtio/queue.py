@@ -376,6 +376,25 @@ class SplitQueue:
         full_barrier()
         return self.has_available()
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_indices(self) -> dict:
+        """The device side's ring bookkeeping, JSON-able (the rings themselves
+        are guest memory): what :meth:`restore_indices` puts back on a queue
+        built over the same rings."""
+        return {"last_avail": self.last_avail_idx, "used": self.used_idx,
+                "signalled_used": self._signalled_used, "notifications": self._notifications,
+                "broken": self.broken}
+
+    def restore_indices(self, state: dict) -> None:
+        """Continue where :meth:`save_indices` left off.  avail.idx is read
+        again from guest memory (and checked) at the next pop."""
+        self.last_avail_idx = int(state["last_avail"]) & 0xFFFF
+        self._avail_idx = self.last_avail_idx
+        self.used_idx = int(state["used"]) & 0xFFFF
+        self._signalled_used = int(state["signalled_used"]) & 0xFFFF
+        self._notifications = bool(state["notifications"])
+        self.broken = state.get("broken") or None
+
     def __repr__(self) -> str:
         return (f"SplitQueue(size={self.size}, desc={self.desc_addr:#x}, avail={self.avail_addr:#x}, "
                 f"used={self.used_addr:#x}, last_avail={self.last_avail_idx}, used_idx={self.used_idx})")

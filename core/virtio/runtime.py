@@ -177,6 +177,35 @@ class VirtioPciRuntime:
         for engine in self.offloads.values():
             engine.resume()
 
+    # -- snapshots (kvmkit.device_state) -----------------------------------------------------
+    def quiesce(self) -> None:
+        """Before a save, with the VM paused (engines paused, the device lock
+        held by the pause thread): hand every chain an engine left to Python
+        to the model now, so that no popped chain is left unanswered and
+        each queue's last_avail counts completed requests only."""
+        for index, engine in list(self.offloads.items()):
+            self._service(index, engine)
+
+    def save_state(self) -> dict:
+        self.quiesce()
+        return {"config": self.transport.config.save_state(),
+                "msix": self.transport.msix.save_state(),
+                "transport": self.transport.save_state()}
+
+    def restore_state(self, state: dict) -> None:
+        """On a machine that has not run: the MSI-X table (routes), the
+        config space (BARs mapped with their ioeventfds, MSI-X enabled
+        again), the transport's registers and the activated device with its
+        queues (and engines) at the saved indices."""
+        transport = self.transport
+        transport.msix.restore_state(state["msix"])
+        transport.config.restore_state(state["config"])
+        transport.restore_state(state["transport"])
+        self._forward_masks()
+
+    def after_restore(self) -> None:
+        self.transport.after_restore()
+
     # -- the worker --------------------------------------------------------------------------
     def _kick(self, index: int) -> None:
         if index < len(self.queue_fds):

@@ -156,6 +156,29 @@ class NativeSplitQueue:
     def enable_notifications(self) -> bool:
         return bool(lib.kvq_enable_notifications(self.kvq))
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_indices(self) -> dict:
+        """As SplitQueue.save_indices (same keys): read from the C struct.
+        Call only while no engine thread runs the queue (paused or stopped)."""
+        q = self.kvq
+        return {"last_avail": q.last_avail_idx, "used": q.used_idx,
+                "signalled_used": q.signalled_used, "notifications": bool(q.notifications),
+                "broken": self._error() if q.broken else None}
+
+    def restore_indices(self, state: dict) -> None:
+        """As SplitQueue.restore_indices: before an engine starts on the queue."""
+        q = self.kvq
+        q.last_avail_idx = int(state["last_avail"]) & 0xFFFF
+        q.avail_idx = q.last_avail_idx             # read avail.idx again at the next pop
+        q.used_idx = int(state["used"]) & 0xFFFF
+        q.signalled_used = int(state["signalled_used"]) & 0xFFFF
+        q.notifications = int(bool(state["notifications"]))
+        broken = state.get("broken")
+        q.broken = int(bool(broken))
+        if broken:
+            msg = str(broken).encode("utf-8", "replace")[:lib.KVQ_ERROR_LEN - 1]
+            ffi.memmove(q.error, msg + b"\0", len(msg) + 1)
+
     def __repr__(self) -> str:
         return (f"NativeSplitQueue(size={self.size}, desc={self.desc_addr:#x}, "
                 f"avail={self.avail_addr:#x}, used={self.used_addr:#x}, "

@@ -27,6 +27,10 @@ class Scratch:
         return self.value
     def write(self, offset, size, value):
         self.value = value
+    def snapshot_state(self):
+        return {"version": 1, "value": self.value}
+    def restore_state(self, state):
+        self.value = state["value"]
 
 plugin = DevicePlugin(SPEC, Scratch)
 """
@@ -46,6 +50,7 @@ def all_checks(c, tmp_path, configs=None, readme=None, **kw):
     c.check_keys()
     c.check_readme(readme)
     c.check_device(configs, tmp_path, **kw)
+    c.check_state(configs, tmp_path)
 
 
 def test_a_good_plugin_passes(throwaway_dist, tmp_path):
@@ -256,13 +261,13 @@ def test_contract_option_on_a_project_folder(tmp_path):
     (project / "tests" / "test_own.py").write_text("def test_own():\n    pass\n")
     r = pytest_run(project, "--kvmkit-contract", env_path=str(site))
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "1 failed, 6 passed" in r.stdout, r.stdout        # its own test and 5 of 6 checks
+    assert "1 failed, 7 passed" in r.stdout, r.stdout        # its own test and 6 of 7 checks
     assert "kvmkit contract: scratch with its defaults: read of pio" in r.stdout
     assert "FAILED kvmkit-contract[kvmkit-scratch]::device[scratch]" in r.stdout
 
     r = pytest_run(project, "--kvmkit-contract=kvmkit-scratch", "-m", "kvmkit_contract",
                    "-k", "not device", env_path=str(site))
-    assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "6 passed" in r.stdout, r.stdout + r.stderr
 
 
 def test_contract_option_usage_errors(tmp_path):
@@ -346,3 +351,64 @@ def test_the_virtio_blk_contract_starts_the_native_engine(tmp_path):
         logger.setLevel(old_level)
     started = [line for line in keep.lines if "runs on the native engine" in line]
     assert len(started) == 3, keep.lines[-10:]
+
+
+# -- the state chapter (kvmkit.contract.state) ----------------------------------------------------
+def test_state_a_device_without_state_support_fails_saying_what_to_add(throwaway_dist, tmp_path):
+    source = GOOD.replace("    def snapshot_state(self):", "    def _no_snapshot_state(self):")
+    with pytest.raises(ContractFailure, match="device scratch.0: its plugin has no state support.*"
+                                              "give the device snapshot_state"):
+        contract(throwaway_dist, source).check_state(None, tmp_path)
+
+
+def test_state_a_restore_that_forgets_a_field_fails(throwaway_dist, tmp_path):
+    source = GOOD.replace('        self.value = state["value"]', "        pass")
+    with pytest.raises(ContractFailure, match=r"restored device saves another state: "
+                                              r"state\['device'\]\['value'\] is"):
+        contract(throwaway_dist, source).check_state(None, tmp_path)
+
+
+def test_state_that_is_not_plain_data_fails(throwaway_dist, tmp_path):
+    source = GOOD.replace('return {"version": 1, "value": self.value}',
+                          'return {"version": 1, "value": bytes(4)}')
+    with pytest.raises(ContractFailure, match="returned a bytes at state.'value'"):
+        contract(throwaway_dist, source).check_state(None, tmp_path)
+
+
+def test_state_hidden_from_the_snapshot_shows_as_other_behaviour(throwaway_dist, tmp_path):
+    source = GOOD.replace("        self.value = 0\n", "        self.value = 0\n        self.reads = 0\n")
+    source = source.replace("        return self.value",
+                            "        self.reads += 1\n        return self.value + self.reads")
+    with pytest.raises(ContractFailure, match="access [0-9]+ after the restore: read of pio 0x51"
+                                              ".* on the saved device, .* on the restored one"):
+        contract(throwaway_dist, source).check_state(None, tmp_path)
+
+
+HOLDING = VIRTIO.replace("""    def process(self, index):
+        q = self.queues[index]
+        while (chain := q.pop()) is not None:
+            BODY
+            q.push(chain.head, 0)""", """    held = None
+    def process(self, index):
+        q = self.queues[index]
+        if self.held is not None:               # returned at the next kick
+            q.push(self.held.head, 0)
+        self.held = q.pop()
+    def snapshot_state(self):
+        return {"version": 1}
+    def restore_state(self, state):
+        pass""")
+
+
+def test_state_a_virtio_model_that_keeps_a_chain_across_the_save_fails(throwaway_dist, tmp_path):
+    with pytest.raises(ContractFailure, match=r"chain [0-9]+ after the restore: the saved device "
+                                              r"returned \[\(0, [0-9]+, 0\)\], the restored one \[\]"):
+        contract(throwaway_dist, HOLDING).check_state(None, tmp_path)
+
+
+def test_state_a_virtio_model_that_gives_held_chains_back_passes(throwaway_dist, tmp_path):
+    source = HOLDING.replace("""        return {"version": 1}""", """        if self.held is not None:           # un-pop it: it is the last one taken
+            self.queues[0].last_avail_idx = (self.queues[0].last_avail_idx - 1) & 0xFFFF
+            self.held = None
+        return {"version": 1}""")
+    contract(throwaway_dist, source).check_state(None, tmp_path)

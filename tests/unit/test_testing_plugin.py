@@ -151,3 +151,32 @@ def test_virtqueue_driver_uses_the_given_lock(virtqueue_driver):
 
     virtqueue_driver(Locked(), lock=lock).request(0, readable=[b"x"], writable=[1])
     assert seen == [True]
+
+
+@pytest.mark.parametrize("module, never", [
+    ("kvmkit.fakes", ("kvmkit.contract", "kvmkit.testing", "kvmkit.pytest_plugin")),
+    ("kvmkit.contract", ("kvmkit.testing", "kvmkit.pytest_plugin")),
+    ("kvmkit.pytest_plugin", ("kvmkit.testing",)),
+])
+def test_the_test_helpers_import_one_way(module, never):
+    """pytest plugin -> contract -> fakes; kvmkit.testing is the facade above them."""
+    import subprocess
+    import sys
+    code = (f"import sys, {module}; "
+            f"print(' '.join(m for m in {list(never)!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"importing {module} imported {r.stdout.strip()}"
+
+
+def test_no_helper_below_the_facade_imports_it_even_lazily():
+    """The contract and the pytest plugin once imported kvmkit.testing inside
+    functions (a circle: testing imports both); the fakes are their bottom now."""
+    import re
+    from pathlib import Path
+    core = Path(kvmkit.testing.__file__).parent
+    below = [core / "fakes.py", core / "pytest_plugin.py", *sorted((core / "contract").glob("*.py"))]
+    pattern = re.compile(r"^\s*(from\s+(\.+testing|kvmkit\.testing)\s+import|import\s+kvmkit\.testing)",
+                         re.M)
+    offenders = [p.name for p in below if pattern.search(p.read_text())]
+    assert offenders == []

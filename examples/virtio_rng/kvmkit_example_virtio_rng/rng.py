@@ -67,5 +67,21 @@ class VirtioRng(VirtioDevice):
         self.bytes_served += n
         return n
 
+    # -- snapshots (kvmkit.device_state) --------------------------------------------------
+    # The core saves the transport and the queue; the model has only its
+    # counters (every request is answered within process(), none is held).
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        return {"version": self.STATE_VERSION, "requests": self.requests,
+                "bytes_served": self.bytes_served}
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"virtio-rng state version {state.get('version')!r}; this plugin "
+                             f"reads version {self.STATE_VERSION}")
+        self.requests = int(state["requests"])
+        self.bytes_served = int(state["bytes_served"])
+
     def close(self) -> None:
         self.log.info("served %d requests, %d bytes", self.requests, self.bytes_served)

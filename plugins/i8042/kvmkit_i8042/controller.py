@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 from kvmkit.plugin_api import IrqLine
 
+from .keyboard import QUEUE_SIZE as KBD_QUEUE_SIZE
 from .keyboard import Keyboard
 
 # status register
@@ -143,6 +144,54 @@ class I8042:
         elif cmd >= PULSE and not cmd & OUTPUT_PORT_RESET:
             self._request_reset()
         self._fill()
+
+    # -- snapshots -----------------------------------------------------------------------
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        """Controller RAM, output port, output buffer and queued replies, the
+        keyboard's queue and settings, the interrupt levels."""
+        kbd = self.keyboard
+        out = None if self._out is None else list(self._out)
+        return {"version": self.STATE_VERSION, "ram": bytes(self.ram).hex(),
+                "output_port": self.output_port, "reset_requested": self.reset_requested,
+                "out": out, "replies": [list(r) for r in self._replies],
+                "awaiting": self._awaiting, "last_read": self._last_read,
+                "cmd_flag": self._cmd_flag, "levels": list(self._levels),
+                "keyboard": {"queue": list(kbd.queue), "scanning": kbd.scanning,
+                             "leds": kbd.leds, "scancode_set": kbd.scancode_set,
+                             "typematic": kbd.typematic, "awaiting": kbd._awaiting,
+                             "last": kbd._last}}
+
+    def restore_state(self, state: dict) -> None:
+        """Put a :meth:`snapshot_state` back and drive both lines to their saved levels."""
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"i8042 state version {state.get('version')!r}; this plugin reads "
+                             f"version {self.STATE_VERSION}")
+        ram = bytes.fromhex(state["ram"])
+        if len(ram) != len(self.ram):
+            raise ValueError(f"i8042 state has {len(ram)} RAM bytes, not {len(self.ram)}")
+        self.ram[:] = ram
+        self.output_port = state["output_port"] & 0xFF
+        self.reset_requested = bool(state["reset_requested"])
+        out = state["out"]
+        self._out = None if out is None else Out(out[0] & 0xFF, bool(out[1]), bool(out[2]))
+        self._replies = deque(Out(v & 0xFF, bool(a), bool(t))
+                              for v, a, t in state["replies"][:CONTROLLER_QUEUE])
+        self._awaiting = state["awaiting"]
+        self._last_read = state["last_read"] & 0xFF
+        self._cmd_flag = state["cmd_flag"] & STR_CMD
+        k, kbd = state["keyboard"], self.keyboard
+        kbd.queue = deque(b & 0xFF for b in k["queue"][:KBD_QUEUE_SIZE])
+        kbd.scanning, kbd.leds = bool(k["scanning"]), k["leds"] & 0x07
+        kbd.scancode_set, kbd.typematic = k["scancode_set"], k["typematic"] & 0x7F
+        kbd._awaiting, kbd._last = k["awaiting"], k["last"] & 0xFF
+        for i, (line, level) in enumerate(((self._kbd_irq, bool(state["levels"][0])),
+                                           (self._aux_irq, bool(state["levels"][1])))):
+            self._levels[i] = level
+            if level:
+                line.set_level(True)
+        self._update_irqs()
 
     # -- host side -----------------------------------------------------------------------
     def send_key(self, scancodes: bytes) -> bool:

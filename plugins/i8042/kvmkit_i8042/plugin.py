@@ -73,6 +73,13 @@ class KeyboardController:
         with self._ctx.lock:
             return self.controller.send_key(scancodes)
 
+    # -- snapshots (kvmkit.device_state; called with the VM paused) ---------------------
+    def snapshot_state(self) -> dict:
+        return self.controller.snapshot_state()
+
+    def restore_state(self, state: dict) -> None:
+        self.controller.restore_state(state)
+
     def start(self) -> None:
         """Nothing runs on its own: the controller only answers the guest."""
 

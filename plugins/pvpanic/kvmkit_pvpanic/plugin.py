@@ -4,7 +4,7 @@ from __future__ import annotations
 from kvmkit.plugin_api import (EXIT_GUEST_PANIC, ConfigSpace, DeviceConfig, DeviceContext,
                                DevicePlugin, DeviceSpec, GuestLog)
 
-from .pvpanic import CRASH_LOADED, PANICKED, PvPanic
+from .pvpanic import CRASH_LOADED, PANICKED, SUPPORTED, PvPanic
 
 PCI_VENDOR_REDHAT = 0x1B36
 PCI_DEVICE_PVPANIC = 0x0011
@@ -29,6 +29,20 @@ class PvPanicDevice:
                                   subsystem_id=PCI_DEVICE_PVPANIC)
         self.config.add_bar(0, BAR_SIZE, "mem32")
         ctx.add_pci(self.config, {0: self.register})
+
+    # -- snapshots (kvmkit.device_state): the core saves the PCI function's config
+    # space (where the guest put the BAR); the register itself only remembers the
+    # events it saw ---------------------------------------------------------------------------
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        return {"version": self.STATE_VERSION, "events_seen": self.register.events_seen}
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"pvpanic state version {state.get('version')!r}; this plugin reads "
+                             f"version {self.STATE_VERSION}")
+        self.register.events_seen = state["events_seen"] & SUPPORTED
 
     def _event(self, event: int) -> None:
         if event & PANICKED:

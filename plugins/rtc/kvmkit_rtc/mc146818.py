@@ -98,6 +98,49 @@ class Rtc:
         self.nvram = bytearray(REGISTERS)
         self._checked = self._clock() + self.offset   # guest time accounted for by tick()
 
+    # -- snapshots -------------------------------------------------------------------------
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        """Registers, NVRAM, pending flags and the clock as ``offset`` from
+        the injected clock: restored, the guest's time goes on following
+        that clock (the host's time for ``rtc``), so it jumps forward by the
+        time the snapshot lay still, as after a host suspend."""
+        frozen = None if self._frozen is None else {str(k): v for k, v in self._frozen.items()}
+        return {"version": self.STATE_VERSION, "offset": self.offset, "index": self.index,
+                "nmi_disabled": self.nmi_disabled, "reg_a": self.reg_a, "reg_b": self.reg_b,
+                "flags": self._flags, "irq_level": self._irq_level,
+                "dow_adjust": self._dow_adjust, "frozen": frozen, "alarm": list(self.alarm),
+                "nvram": bytes(self.nvram).hex(), "checked": self._checked}
+
+    def restore_state(self, state: dict) -> None:
+        """Put a :meth:`snapshot_state` back and drive the IRQ line to the
+        saved level.  Events due while the snapshot lay still (an update, a
+        periodic tick, the alarm) are flagged at the next tick, once each."""
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"MC146818 state version {state.get('version')!r}; this plugin reads "
+                             f"version {self.STATE_VERSION}")
+        nvram = bytes.fromhex(state["nvram"])
+        if len(nvram) != len(self.nvram):
+            raise ValueError(f"MC146818 state has {len(nvram)} NVRAM bytes, not {len(self.nvram)}")
+        self.offset = float(state["offset"])
+        self.index = state["index"] & 0x7F
+        self.nmi_disabled = bool(state["nmi_disabled"])
+        self.reg_a = state["reg_a"] & 0x7F
+        self.reg_b = state["reg_b"] & 0xFF
+        self._flags = state["flags"] & 0x70
+        self._dow_adjust = state["dow_adjust"] % 7
+        frozen = state["frozen"]
+        self._frozen = None if frozen is None else {int(k): int(v) for k, v in frozen.items()}
+        self.alarm = [int(v) & 0xFF for v in state["alarm"]][:3]
+        self.nvram[:] = nvram
+        self._checked = float(state["checked"])
+        self._irq_level = bool(state["irq_level"])
+        if self._irq_level:
+            self._irq.set_level(True)
+        self._update_irq()
+        self._reschedule()
+
     # -- bus interface: index port at offset 0, data port at offset 1 ---------------------
     def read(self, offset: int, size: int) -> int:
         value = 0

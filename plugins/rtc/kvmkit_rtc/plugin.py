@@ -65,6 +65,13 @@ class RtcDevice:
                           aml.name("_HID", aml.eisaid("PNP0B00")),
                           aml.name("_CRS", aml.resource_template(aml.io(self.port, 2), irq)))
 
+    # -- snapshots (kvmkit.device_state; called with the VM paused) ---------------------
+    def snapshot_state(self) -> dict:
+        return self.rtc.snapshot_state()
+
+    def restore_state(self, state: dict) -> None:
+        self.rtc.restore_state(state)
+
     def start(self) -> None:
         self._thread = self._ctx.spawn("timer", self._run)
 

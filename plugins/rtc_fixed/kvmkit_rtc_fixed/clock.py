@@ -47,18 +47,25 @@ class FixedStartClock:
         self.start_time = float(start)
         self._monotonic = monotonic
         self._started_at: float | None = None
+        self._carried = 0.0                 # run time of the VM this one was restored from
 
     def start(self) -> None:
         """The VM starts: from now on the clock runs.  A second call changes nothing."""
         if self._started_at is None:
             self._started_at = self._monotonic()
 
+    def carry(self, elapsed: float) -> None:
+        """A restored VM: the clock goes on from ``elapsed`` seconds after
+        ``start`` (the run time saved in the snapshot), before :meth:`start`."""
+        self._carried = max(float(elapsed), 0.0)
+
     @property
     def elapsed(self) -> float:
-        """Seconds the clock has run since :meth:`start` (0 before it)."""
+        """Seconds the clock has run since :meth:`start` (0 before it), plus
+        what :meth:`carry` carried over."""
         if self._started_at is None:
-            return 0.0
-        return max(self._monotonic() - self._started_at, 0.0)
+            return self._carried
+        return self._carried + max(self._monotonic() - self._started_at, 0.0)
 
     def __call__(self) -> float:
         return self.start_time + self.elapsed

@@ -56,6 +56,15 @@ class FixedRtcDevice(RtcDevice):
                                           "utc_offset": 0}, where)
         super().__init__(rtc_config, ctx, clock=clock)
 
+    # -- snapshots: the clock runs with the VM, so a restored guest's clock goes on from
+    # the saved time (the time the snapshot lay still does not count) ----------------------
+    def snapshot_state(self) -> dict:
+        return {**super().snapshot_state(), "elapsed": self.clock.elapsed}
+
+    def restore_state(self, state: dict) -> None:
+        self.clock.carry(state["elapsed"])
+        super().restore_state({k: v for k, v in state.items() if k != "elapsed"})
+
     def start(self) -> None:
         self.clock.start()
         super().start()

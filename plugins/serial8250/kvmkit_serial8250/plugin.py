@@ -144,6 +144,13 @@ class SerialPort:
         with self._ctx.lock:
             self.uart.feed(data)
 
+    # -- snapshots (kvmkit.device_state; called with the VM paused) ---------------------
+    def snapshot_state(self) -> dict:
+        return self.uart.snapshot_state()
+
+    def restore_state(self, state: dict) -> None:
+        self.uart.restore_state(state)
+
     # -- ACPI ----------------------------------------------------------------------------
     def acpi_node(self, aml) -> bytes:
         """The port as a PNP0501 device in the guest's DSDT (its ports, its IRQ)."""

@@ -149,6 +149,44 @@ class Uart16550:
     def irq_level(self) -> bool:
         return self._irq_level
 
+    # -- snapshots ---------------------------------------------------------------------
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        """Registers, the receive FIFO, host input still waiting for room,
+        the interrupt conditions and the line level (bytes as hex)."""
+        return {"version": self.STATE_VERSION, "ier": self.ier, "lcr": self.lcr, "mcr": self.mcr,
+                "scr": self.scr, "divisor": self.divisor, "fifo_enabled": self.fifo_enabled,
+                "trigger": self.trigger, "rx": bytes(self._rx).hex(),
+                "pending": bytes(self._pending).hex(), "errors": self._errors,
+                "thre_pending": self._thre_pending, "lines": self._lines, "deltas": self._deltas,
+                "irq_level": self._irq_level, "transmitted": self.transmitted}
+
+    def restore_state(self, state: dict) -> None:
+        """Put a :meth:`snapshot_state` back (on a UART that has not run) and
+        drive the interrupt line to the saved level."""
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"16550 state version {state.get('version')!r}; this plugin reads "
+                             f"version {self.STATE_VERSION}")
+        self.ier = state["ier"] & 0x0F
+        self.lcr = state["lcr"] & 0xFF
+        self.mcr = state["mcr"] & 0x1F
+        self.scr = state["scr"] & 0xFF
+        self.divisor = state["divisor"] & 0xFFFF
+        self.fifo_enabled = bool(state["fifo_enabled"])
+        self.trigger = state["trigger"] if state["trigger"] in TRIGGER_LEVELS else 1
+        self._rx = deque(bytes.fromhex(state["rx"])[:FIFO_SIZE])
+        self._pending = bytearray.fromhex(state["pending"])
+        self._errors = state["errors"] & 0xFF
+        self._thre_pending = bool(state["thre_pending"])
+        self._lines = state["lines"] & 0xF0
+        self._deltas = state["deltas"] & 0x0F
+        self.transmitted = int(state["transmitted"])
+        self._irq_level = bool(state["irq_level"])
+        if self._irq_level:
+            self._irq.set_level(True)
+        self._update_irq()
+
     # -- registers ---------------------------------------------------------------------
     def _read_reg(self, reg: int) -> int:
         dlab = self.lcr & LCR_DLAB

@@ -287,6 +287,59 @@ class VirtioConsole(VirtioDevice):
             q.push(chain.head, n)
             del self._control_out[0]
 
+    # -- snapshots (kvmkit.device_state) ------------------------------------------------------
+    # Kept: what the driver and the device told each other over the control
+    # queues (ready, ports added and opened, messages not yet delivered), host
+    # input not yet in guest buffers, the counters.  The host end is the
+    # restored VM's own: where it is (dis)connected unlike at the save, the
+    # guest is told so, as when it connects or hangs up.
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        proto = self.protocol
+        return {"version": self.STATE_VERSION,
+                "device_ready": proto.device_ready,
+                "guest_ready": sorted(proto.guest_ready), "guest_open": sorted(proto.guest_open),
+                "host_connected": [proto.host_connected[p.id] for p in self.ports],
+                "control_out": [m.hex() for m in self._control_out],
+                "hangups": sorted(self._hangups),
+                "control_errors": self.control_errors, "control_dropped": self.control_dropped,
+                "ports": [{"pending": bytes(p.pending).hex(), "bytes_out": p.bytes_out,
+                           "bytes_in": p.bytes_in, "dropped_out": p.dropped_out}
+                          for p in self.ports]}
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"virtio-console state version {state.get('version')!r}; this "
+                             f"plugin reads version {self.STATE_VERSION}")
+        if len(state["ports"]) != len(self.ports):
+            raise ValueError(f"virtio-console state has {len(state['ports'])} ports, the device "
+                             f"has {len(self.ports)}")
+        proto = self.protocol
+        known = set(proto.ports)
+        actual = dict(proto.host_connected)             # this VM's host ends, as they are now
+        proto.device_ready = bool(state["device_ready"])
+        proto.guest_ready = {int(i) for i in state["guest_ready"]} & known
+        proto.guest_open = {int(i) for i in state["guest_open"]} & known
+        for port, connected in zip(self.ports, state["host_connected"]):
+            proto.host_connected[port.id] = bool(connected)
+        self._control_out = [bytes.fromhex(m) for m in state["control_out"]][:CONTROL_BACKLOG]
+        self._hangups = {int(i) for i in state["hangups"]} & known
+        self.control_errors = int(state["control_errors"])
+        self.control_dropped = int(state["control_dropped"])
+        for port, saved in zip(self.ports, state["ports"]):
+            port.pending = bytearray.fromhex(saved["pending"])[:INPUT_LIMIT]
+            port.bytes_out, port.bytes_in = int(saved["bytes_out"]), int(saved["bytes_in"])
+            port.dropped_out = int(saved["dropped_out"])
+        for port in self.ports:
+            if actual[port.id] != proto.host_connected[port.id]:
+                self.host_connected(port.id, actual[port.id])
+        if self._control_out:
+            self.wake(CONTROL_RX)
+        for port in self.ports:
+            if port.pending:
+                self.wake(rx_index(port.id))
+
     # -- for logs ----------------------------------------------------------------------------
     def stats(self) -> dict:
         return {p.setup.name or f"port{p.id}": {"out": p.bytes_out, "in": p.bytes_in,

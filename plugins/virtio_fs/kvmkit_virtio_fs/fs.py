@@ -72,6 +72,29 @@ class VirtioFs(VirtioDevice):
         self.log.info("virtio-fs %s: served %d requests", self.tag, self.served)
         self.server.close()
 
+    # -- snapshots (kvmkit.device_state) --------------------------------------------------
+    # While the guest has the share mounted (a FUSE session is up), the FUSE
+    # server's inodes and open files are host file descriptors (O_PATH fds
+    # found by device and inode number) that cannot be carried into another
+    # process: the snapshot is refused, saying so.  A guest that never mounted
+    # it, or unmounted it (DESTROY), has nothing to lose.
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        if self.server.initialized:
+            from kvmkit.plugin_api import StateUnsupported
+            raise StateUnsupported(
+                f"virtio-fs {self.tag}: the guest has the share mounted, and its open files and "
+                "inodes are host file descriptors a snapshot cannot carry; unmount it in the "
+                "guest (umount) before the snapshot")
+        return {"version": self.STATE_VERSION, "served": self.served}
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"virtio-fs state version {state.get('version')!r}; this plugin "
+                             f"reads version {self.STATE_VERSION}")
+        self.served = int(state["served"])
+
     def process(self, index: int) -> None:
         queue = self.queues[index] if 0 <= index < len(self.queues) else None
         if queue is None:

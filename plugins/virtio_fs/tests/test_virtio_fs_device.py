@@ -192,3 +192,18 @@ def test_ring_features(share, event_idx, indirect):
     for i in range(3 * 1024 // 2):           # wrap the 1024-entry ring a few times
         assert c.read(f, fh, i % 100, 1) == b"x"
     dev.close()
+
+
+# -- snapshots ------------------------------------------------------------------------------
+def test_snapshot_is_refused_while_the_guest_has_the_share_mounted(share):
+    from kvmkit.plugin_api import StateUnsupported
+    dev = VirtioFs(FuseServer(share), "myshare")
+    g = Guest(dev)
+    assert dev.snapshot_state() == {"version": 1, "served": 0}      # never mounted: nothing lost
+    g.client = Client(g.send)
+    g.client.init()
+    with pytest.raises(StateUnsupported, match="myshare: the guest has the share mounted.*umount"):
+        dev.snapshot_state()
+    g.send(p.IN_HEADER.pack(p.IN_HEADER.size, p.DESTROY, 99, 0, 0, 0, 0, 0, 0), 16)   # umount
+    assert dev.snapshot_state() == {"version": 1, "served": 2}
+    dev.close()

@@ -111,6 +111,7 @@ class VirtioNet(VirtioDevice):
         self._held: list = []                   # receive chains popped but not used yet
         self._plain_limit = p.max_plain_frame(mtu)
         self._mergeable = False
+        self._held_contiguous = True            # _held are the chains taken last (snapshots)
         self._rx_valid = 0                      # DATA_VALID on every frame (backend vouches)
         backend.attach(self)
 
@@ -122,6 +123,7 @@ class VirtioNet(VirtioDevice):
         self._stop_tx_engine()          # idempotent: the engine always serves the current queue
         super().activate(queues, driver_features)
         self._held = []
+        self._held_contiguous = True
         self._mergeable = self.negotiated(p.F_MRG_RXBUF)
         self._rx_valid = (p.HDR_F_DATA_VALID if self.backend.rx_checksums_valid
                           and self.negotiated(p.F_GUEST_CSUM) else 0)
@@ -134,6 +136,7 @@ class VirtioNet(VirtioDevice):
         self._stop_tx_engine()
         super().reset()
         self._held = []
+        self._held_contiguous = True
         self.mac = self.default_mac
         self._mergeable = False
         self._rx_valid = 0
@@ -354,6 +357,7 @@ class VirtioNet(VirtioDevice):
                     return False
                 if chain.writable_len == 0:
                     queue.push(chain.head, 0)
+                    self._held_contiguous = False      # held chains are no longer the last taken
                     continue
                 held.append(chain)
                 have += chain.writable_len
@@ -372,6 +376,8 @@ class VirtioNet(VirtioDevice):
         header = p.HDR.pack(*fields, len(used))
         queue.push_many(self._scatter(mem, used, header, frame))
         del held[:len(used)]
+        if not held:
+            self._held_contiguous = True
         self._stats["rx_frames"] += 1
         self._stats["rx_bytes"] += len(frame)
         return True
@@ -463,6 +469,43 @@ class VirtioNet(VirtioDevice):
             return
         self._stats["tx_frames"] += 1
         self._stats["tx_bytes"] += size
+
+    # -- snapshots (kvmkit.device_state) --------------------------------------------------
+    # Kept: the guest-set MAC address and the counters; the transport and the
+    # queues are the core's.  Receive buffers the device took for a frame it
+    # has not finished go back to the ring un-used (they are the last ones
+    # taken, so last_avail steps back over them and they are taken again), or,
+    # if the driver slipped a buffer without room between them, are returned
+    # empty.  Frames from the host not yet in guest buffers are not saved: the
+    # network dropped them (the backend's connections are the backend's; see
+    # the README's "Snapshots").
+    STATE_VERSION = 1
+
+    def snapshot_state(self) -> dict:
+        self._give_back_held()
+        return {"version": self.STATE_VERSION, "mac": self.mac.hex(), "stats": dict(self.stats)}
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"virtio-net state version {state.get('version')!r}; this plugin "
+                             f"reads version {self.STATE_VERSION}")
+        mac = bytes.fromhex(state["mac"])
+        if len(mac) != 6:
+            raise ValueError(f"virtio-net state: MAC {state['mac']!r} is not 6 bytes")
+        self.mac = mac
+        self._stats.update({k: int(v) for k, v in state["stats"].items() if k in self._stats})
+
+    def _give_back_held(self) -> None:
+        held = self._held
+        if not held:
+            return
+        queue = self.queues[p.RX]
+        if self._held_contiguous:
+            queue.last_avail_idx = (queue.last_avail_idx - len(held)) & 0xFFFF
+        else:
+            queue.push_many((chain.head, 0) for chain in held)
+        self._held = []
+        self._held_contiguous = True
 
     # -- control --------------------------------------------------------------------------
     def _control(self, queue) -> None:
