@@ -16,10 +16,10 @@ import os
 import threading
 
 from .bus import Bus
-from .irq import Gsi, GsiRouter, IrqLine
+from .irq import Gsi, GsiRouter, IrqLine, line as irq_line
 from .pci.allocator import IoAllocator, MmioAllocator
 from .pci.host_bridge import PciHost
-from .plugin_api import MMIO, PIO, DeviceError
+from .plugin_api import MMIO, PIO
 
 __all__ = ["FakeVm", "FakeMachine"]
 
@@ -87,11 +87,7 @@ class FakeMachine:
         return DeviceContext(self, name)
 
     def irq(self, gsi: int) -> IrqLine:
-        if not 0 <= gsi < 24:
-            raise DeviceError(f"IRQ {gsi} does not exist (the IOAPIC has inputs 0-23)")
-        if gsi not in self._gsis:
-            self._gsis[gsi] = Gsi(self.vm, gsi)
-        return IrqLine(self._gsis[gsi])
+        return irq_line(self._gsis, self.vm, gsi)
 
     def request_stop(self, reason: str, code: int = 0) -> None:
         self.stop_requests.append((reason, code))

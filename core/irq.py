@@ -40,6 +40,17 @@ class IrqLine:
                 g.vm.irq_line(g.gsi, 0)
 
 
+def line(gsis: dict, vm, gsi: int) -> IrqLine:
+    """A new line onto IOAPIC input ``gsi`` of ``vm``; ``gsis`` (the machine's
+    GSI number -> Gsi) keeps one Gsi per input, so the lines on it are shared."""
+    from .plugin_api import DeviceError
+    if not 0 <= gsi < 24:
+        raise DeviceError(f"IRQ {gsi} does not exist (the IOAPIC has inputs 0-23)")
+    if gsi not in gsis:
+        gsis[gsi] = Gsi(vm, gsi)
+    return IrqLine(gsis[gsi])
+
+
 FIRST_MSI_GSI = 24           # GSIs 0-23 are the IOAPIC's (0-15 also the PICs')
 
 

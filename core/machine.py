@@ -19,7 +19,7 @@ from .config import MachineConfig
 from .hypervisor import cpu_setup, host_quirks
 from .hypervisor.kvm import Kvm
 from .device_context import DeviceContext
-from .irq import Gsi, GsiRouter, IrqLine
+from .irq import Gsi, GsiRouter, IrqLine, line as irq_line
 from .memory import GuestMemory
 from .pci import IoAllocator, MmioAllocator, PciHost
 from .pci_mapping import intx_gsi
@@ -91,11 +91,7 @@ class Machine:
                                                 is_write=is_write, value=value)
 
     def irq(self, gsi: int) -> IrqLine:
-        if not 0 <= gsi < 24:
-            raise DeviceError(f"IRQ {gsi} does not exist (the IOAPIC has inputs 0-23)")
-        if gsi not in self._gsis:
-            self._gsis[gsi] = Gsi(self.vm, gsi)
-        return IrqLine(self._gsis[gsi])
+        return irq_line(self._gsis, self.vm, gsi)
 
     def request_stop(self, reason: str, code: int = 0) -> None:
         with self._stop_lock:

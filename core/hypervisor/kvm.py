@@ -38,6 +38,23 @@ def _ioctl_val(fd: int, request: int, value: int, what: str = "") -> int:
         raise KvmError(-r, f"{what or hex(request)}: {os.strerror(-r)}")
     return r
 
+def _get_raw(fd: int, request: int, size: int, what: str, prefix: bytes = b"") -> bytes:
+    """A KVM_GET_* ioctl into ``size`` bytes that start as ``prefix``: the struct's bytes."""
+    buf = ffi.new("char[]", size)
+    ffi.buffer(buf)[:len(prefix)] = prefix
+    _ioctl(fd, request, buf, what)
+    return bytes(ffi.buffer(buf))
+
+
+def _set_raw(fd: int, request: int, data: bytes, what: str) -> None:
+    """A KVM_SET_* ioctl from a struct's bytes."""
+    _ioctl(fd, request, ffi.new("char[]", bytes(data)), what)
+
+
+def _tsc_khz(fd: int) -> int | None:
+    r = lib.kvmkit_ioctl_val(fd, KVM_GET_TSC_KHZ, 0)
+    return r if r > 0 else None
+
 
 class Kvm:
     """The /dev/kvm system file descriptor."""
@@ -190,19 +207,14 @@ class Vm:
     def get_raw(self, request: int, size: int, what: str, prefix: bytes = b"") -> bytes:
         """A KVM_GET_* ioctl of the VM into ``size`` bytes (which start with
         ``prefix``, e.g. the chip id of KVM_GET_IRQCHIP); the struct's bytes."""
-        buf = ffi.new("char[]", size)
-        ffi.buffer(buf)[:len(prefix)] = prefix
-        _ioctl(self.fd, request, buf, what)
-        return bytes(ffi.buffer(buf))
+        return _get_raw(self.fd, request, size, what, prefix)
 
     def set_raw(self, request: int, data: bytes, what: str) -> None:
-        buf = ffi.new("char[]", bytes(data))
-        _ioctl(self.fd, request, buf, what)
+        _set_raw(self.fd, request, data, what)
 
     def tsc_khz(self) -> int | None:
         """The vCPUs' TSC rate in kHz (KVM_GET_TSC_KHZ on the VM, Linux 6.0+), or None."""
-        r = lib.kvmkit_ioctl_val(self.fd, KVM_GET_TSC_KHZ, 0)
-        return r if r > 0 else None
+        return _tsc_khz(self.fd)
 
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_val(self.fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -290,18 +302,14 @@ class Vcpu:
 
     def get_raw(self, request: int, size: int, what: str) -> bytes:
         """A KVM_GET_* ioctl of this vCPU into ``size`` bytes: the struct's bytes."""
-        buf = ffi.new("char[]", size)
-        _ioctl(self.fd, request, buf, what)
-        return bytes(ffi.buffer(buf))
+        return _get_raw(self.fd, request, size, what)
 
     def set_raw(self, request: int, data: bytes, what: str) -> None:
-        buf = ffi.new("char[]", bytes(data))
-        _ioctl(self.fd, request, buf, what)
+        _set_raw(self.fd, request, data, what)
 
     def tsc_khz(self) -> int | None:
         """This vCPU's TSC rate in kHz (KVM_GET_TSC_KHZ), or None."""
-        r = lib.kvmkit_ioctl_val(self.fd, KVM_GET_TSC_KHZ, 0)
-        return r if r > 0 else None
+        return _tsc_khz(self.fd)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS for ``indices``; an MSR KVM cannot read is left out
