@@ -271,24 +271,23 @@ def _ranges(ctx) -> list:
     return ranges
 
 
-def _close_machine(machine, device) -> None:
-    machine.close()                      # stops the transports, as the VMM does first
+def _close_device(device) -> None:
     close = getattr(device, "close", None)
     if device is not None and callable(close):
         try:
             close()
         except Exception:
             pass
+
+
+def _close_machine(machine, device) -> None:
+    machine.close()                      # stops the transports, as the VMM does first
+    _close_device(device)
 
 
 def _close(ctx, device) -> None:
     ctx.stopping.set()
-    close = getattr(device, "close", None)
-    if device is not None and callable(close):
-        try:
-            close()
-        except Exception:
-            pass
+    _close_device(device)
     try:
         ctx.close()
     except RuntimeError:

@@ -56,6 +56,17 @@ def _tsc_khz(fd: int) -> int | None:
     return r if r > 0 else None
 
 
+def _msr_buffer(pairs: list[tuple[int, int]]):
+    """A struct kvm_msrs holding ``pairs`` of (index, data), and its entries."""
+    buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(pairs) * ffi.sizeof("struct kvm_msr_entry"))
+    ffi.cast("__u32 *", buf)[0] = len(pairs)
+    entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
+    for i, (index, data) in enumerate(pairs):
+        entries[i].index = index
+        entries[i].data = data
+    return buf, entries
+
+
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
@@ -315,14 +326,9 @@ class Vcpu:
         """KVM_GET_MSRS for ``indices``; an MSR KVM cannot read is left out
         (KVM stops a batch at the first one it cannot read: the rest are read again)."""
         values: dict[int, int] = {}
-        size = ffi.sizeof("struct kvm_msr_entry")
         todo = list(indices)
         while todo:
-            buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(todo) * size)
-            ffi.cast("__u32 *", buf)[0] = len(todo)
-            entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
-            for i, index in enumerate(todo):
-                entries[i].index = index
+            buf, entries = _msr_buffer([(index, 0) for index in todo])
             done = _ioctl(self.fd, lib.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
             for i in range(done):
                 values[entries[i].index] = entries[i].data
@@ -333,15 +339,9 @@ class Vcpu:
         """KVM_SET_MSRS in order; an MSR KVM refuses is skipped and the rest
         are set.  Returns the refused indices."""
         refused: list[int] = []
-        size = ffi.sizeof("struct kvm_msr_entry")
         todo = list(msrs)
         while todo:
-            buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(todo) * size)
-            ffi.cast("__u32 *", buf)[0] = len(todo)
-            entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
-            for i, (index, data) in enumerate(todo):
-                entries[i].index = index
-                entries[i].data = data
+            buf, _entries = _msr_buffer(todo)
             done = _ioctl(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
             if done < len(todo):
                 refused.append(todo[done][0])
@@ -361,13 +361,7 @@ class Vcpu:
         self.cpuid = [list(row) for row in rows]      # what a snapshot records
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        size = ffi.sizeof("struct kvm_msr_entry")
-        buf = ffi.new("char[]", lib.KVMKIT_MSRS_HEADER + len(msrs) * size)
-        ffi.cast("__u32 *", buf)[0] = len(msrs)
-        entries = ffi.cast("struct kvm_msr_entry *", buf + lib.KVMKIT_MSRS_HEADER)
-        for i, (index, data) in enumerate(msrs.items()):
-            entries[i].index = index
-            entries[i].data = data
+        buf, _entries = _msr_buffer(list(msrs.items()))
         done = _ioctl(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
         if done != len(msrs):
             bad = list(msrs)[done]
