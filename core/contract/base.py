@@ -110,3 +110,15 @@ def _editable_readme(dist) -> str | None:
         except (OSError, UnicodeDecodeError):
             return None
     return None
+
+
+def random_access(rng, space: str, base: int, size: int, widths, what_range: str = ""):
+    """One random register access to a range of ``size`` bytes at ``base``:
+    (width, offset, is_write, value, what), ``what`` saying it in words."""
+    width = rng.choice([w for w in widths if w <= size] or [size])
+    offset = rng.randrange(0, size - width + 1)
+    is_write = rng.random() < 0.5
+    value = rng.getrandbits(8 * width)
+    what = (f"{'write of ' + hex(value) + ' to' if is_write else 'read of'} {what_range}"
+            f"{space} {base + offset:#x} (size {width})")
+    return width, offset, is_write, value, what

@@ -14,7 +14,7 @@ from ..fakes import FakeContext
 from ..plugin_api import MMIO, PIO, VirtioDevice, VirtqueueError
 from ..virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from ..virtio.queue import MAX_QUEUE_SIZE, avail_ring_size, desc_table_size, used_ring_size
-from .base import ContractFailure
+from .base import ContractFailure, random_access
 
 __all__ = ["DeviceRun", "installed_queue_backends"]
 
@@ -104,16 +104,11 @@ class DeviceRun:
 
     # -- registers ---------------------------------------------------------------------------
     def _fuzz_range(self, ctx, space: str, base: int, size: int, handler, what_range: str = "") -> None:
-        rng = self.rng
-        widths = [w for w in ((1, 2, 4) if space == PIO else (1, 2, 4, 8)) if w <= size] or [size]
+        widths = (1, 2, 4) if space == PIO else (1, 2, 4, 8)
         deadline = time.monotonic() + FUZZ_SECONDS
         for i in range(self.accesses):
-            width = rng.choice(widths)
-            offset = rng.randrange(0, size - width + 1)
-            is_write = rng.random() < 0.5
-            value = rng.getrandbits(8 * width)
-            what = (f"{'write of ' + hex(value) + ' to' if is_write else 'read of'} {what_range}"
-                    f"{space} {base + offset:#x} (size {width})")
+            width, offset, is_write, value, what = random_access(self.rng, space, base, size,
+                                                                 widths, what_range)
             try:
                 with ctx.lock:
                     if is_write:

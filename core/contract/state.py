@@ -32,7 +32,7 @@ from typing import Any
 from ..device_state import StateUnsupported, restore_device, save_device
 from ..fakes import FakeContext
 from ..plugin_api import MMIO, PIO, VirtqueueError
-from .base import ContractFailure
+from .base import ContractFailure, random_access
 
 __all__ = ["StateRun"]
 
@@ -162,13 +162,8 @@ class StateRun:
 
     def _access(self, ctx, rng_range, rng: random.Random):
         space, base, size, handler, what_range = rng_range
-        widths = [w for w in (1, 2, 4) if w <= size] or [size]
-        width = rng.choice(widths)
-        offset = rng.randrange(0, size - width + 1)
-        is_write = rng.random() < 0.5
-        value = rng.getrandbits(8 * width)
-        what = (f"{'write of ' + hex(value) + ' to' if is_write else 'read of'} {what_range}"
-                f"{space} {base + offset:#x} (size {width})")
+        width, offset, is_write, value, what = random_access(rng, space, base, size, (1, 2, 4),
+                                                             what_range)
         try:
             with ctx.lock:
                 if is_write:
