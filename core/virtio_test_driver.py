@@ -88,12 +88,7 @@ class VirtioTestDriver:
         """Put ``readable`` byte strings and ``writable`` buffers of the given
         lengths (filled with 0xEE) in guest memory and make them available as
         one chain on ``queue``; the device is not notified yet."""
-        rd = [(self.buffers.put(bytes(data)), len(data)) for data in readable]
-        wr = []
-        for length in writable:
-            gpa = self.buffers.alloc(length)
-            self.memory.write(gpa, b"\xee" * length)
-            wr.append((gpa, length))
+        rd, wr = self.buffers.chain_buffers(readable, writable)
         head = self.queues[queue].add(rd, wr, indirect=indirect)
         return Request(queue, head, rd, wr)
 

@@ -67,6 +67,14 @@ class GuestAllocator:
         self.memory.write(gpa, data)
         return gpa
 
+    def chain_buffers(self, readable, writable):
+        """Buffers for one chain: each byte string of ``readable`` copied in,
+        a buffer of each length of ``writable`` filled with 0xEE (so what the
+        device did not write shows); two lists of (gpa, length)."""
+        rd = [(self.put(bytes(data)), len(data)) for data in readable]
+        wr = [(self.put(b"\xee" * length), length) for length in writable]
+        return rd, wr
+
     def reset(self, to: int | None = None) -> None:
         self.next = self.start if to is None else to
 

@@ -127,12 +127,7 @@ class PciVirtioDriver:
     # -- requests ------------------------------------------------------------------------
     def submit(self, queue: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()):
         """Put a chain on ``queue`` (not yet notified); returns (head, writable buffers)."""
-        rd = [(self.buffers.put(bytes(data)), len(data)) for data in readable]
-        wr = []
-        for length in writable:
-            gpa = self.buffers.alloc(length)
-            self.memory.write(gpa, b"\xee" * length)
-            wr.append((gpa, length))
+        rd, wr = self.buffers.chain_buffers(readable, writable)
         head = self.queues[queue].add(rd, wr)
         return head, wr
 
