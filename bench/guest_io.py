@@ -64,7 +64,7 @@ def parse(text: str) -> dict[str, float]:
 
 
 def guest_blk(k, d: Path, image: Path, queue: str, seconds: float, span: int) -> dict[str, float]:
-    initrd = initrd_with_hooks(k, d / f"blk-{queue}.cpio", {"io": blk_hook(seconds, span)})
+    initrd = initrd_with_hooks(k, d / f"blk-{queue}.cpio", {"io": blk_hook(seconds, span)}, tools=True)
     m = machine_file(d / f"blk-{queue}.toml", image=k["SMALL_VMLINUX"], initrd=initrd,
                      cmdline="console=ttyS0 panic=-1 reboot=k",
                      extra_devices=[{"kind": "virtio-blk", "path": str(image), "queue": queue,
@@ -77,7 +77,7 @@ def guest_blk(k, d: Path, image: Path, queue: str, seconds: float, span: int) ->
 
 
 def host_blk(image: Path, seconds: float, span: int) -> dict[str, float]:
-    tool = Path(kit()["KVMKIT_CACHE"]) / "build" / "stage" / "busybox" / "bin" / "kvmkit-io"
+    tool = Path(kit()["KVMKIT_CACHE"]) / "build" / "stage" / "tools" / "bin" / "kvmkit-io"
     out = ""
     for mode, bs in CASES:
         out += subprocess.run([str(tool), mode, str(image), str(bs), str(seconds), str(span)],

@@ -25,14 +25,14 @@
 # kernel side is emulated there (milliseconds each), so keep scripts short.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-/bin/busybox mkdir -p /dev/pts /dev/shm
-/bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null
+# Each program started costs a fork and an exec, a second or more on the
+# nested CI host, where every guest kernel instruction is emulated: so one
+# mount for proc, sysfs and devtmpfs (/etc/fstab), and shell built-ins below.
+/bin/busybox mount -a 2>/dev/null
 
 mode=tests
-for word in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for word in $cmdline; do
 	case $word in
 	kvmkit.init=*) mode=${word#kvmkit.init=} ;;
 	esac
@@ -41,16 +41,14 @@ done
 case $mode in
 tests)	main="::once:/etc/kvmkit/tests.sh" ;;
 report)	main="::once:/etc/kvmkit/report.sh" ;;
-shell)	main="::once:/etc/kvmkit/shell.sh" ;;
+shell)	main="::once:/etc/kvmkit/shell.sh"
+	# ptys and POSIX shared memory, for what a user may run in the shell
+	/bin/busybox mkdir -p /dev/pts /dev/shm
+	/bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null ;;
 *)	echo "kvmkit-guest: unknown kvmkit.init=$mode (tests, report or shell); using tests"
 	main="::once:/etc/kvmkit/tests.sh" ;;
 esac
 
-cat > /etc/inittab <<EOF
-::sysinit:/etc/kvmkit/start.sh
-$main
-::ctrlaltdel:/sbin/reboot
-::shutdown:/bin/sync
-::shutdown:/bin/umount -a -r
-EOF
+printf '%s\n' "::sysinit:/etc/kvmkit/start.sh" "$main" "::ctrlaltdel:/sbin/reboot" \
+	"::shutdown:/bin/sync" "::shutdown:/bin/umount -a -r" > /etc/inittab
 exec /bin/busybox init

@@ -3,7 +3,8 @@
 echo "kvmkit-guest: userspace up"
 echo "kvmkit-guest: cpus=$(grep -c '^processor' /proc/cpuinfo)"
 echo "kvmkit-guest: date=$(date +%s)"
-echo "kvmkit-guest: uname=$(uname -r)"
+read -r release < /proc/sys/kernel/osrelease
+echo "kvmkit-guest: uname=$release"
 for hook in /etc/kvmkit-tests/*.sh; do
 	[ -f "$hook" ] || continue
 	echo "kvmkit-guest: hook $hook"

@@ -123,12 +123,29 @@ def newc(files: dict[str, bytes]) -> bytes:
     return out + b"\0" * (-len(out) % 512)
 
 
-def initrd_with_hooks(kit: dict, path: Path, hooks: dict[str, str]) -> Path:
+def initrd_with_hooks(kit: dict, path: Path, hooks: dict[str, str], tools: bool = False) -> Path:
     """The kit's busybox initramfs plus ``hooks`` (name -> shell script) as
-    /etc/kvmkit-tests/NAME.sh, which its /init runs in name order."""
+    /etc/kvmkit-tests/NAME.sh, which its /init runs in name order; with
+    ``tools``, also the kit's tools.cpio (/bin/kvmkit-io)."""
     path.write_bytes(kit["BUSYBOX_CPIO"].read_bytes()
+                     + (kit["TOOLS_CPIO"].read_bytes() if tools else b"")
                      + newc({f"etc/kvmkit-tests/{name}.sh": text.encode() for name, text in hooks.items()}))
     return path
+
+
+def seeded_bytes(seed: int, size: int) -> bytes:
+    """What the kit's ``kvmkit-rand SEED SIZE`` writes (guest/kvmkit-rand.c):
+    the splitmix64 stream from ``seed``, each output little-endian."""
+    mask = (1 << 64) - 1
+    out = bytearray()
+    state = seed & mask
+    while len(out) < size:
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out += (z ^ (z >> 31)).to_bytes(8, "little")
+    return bytes(out[:size])
 
 
 # The devices most test machines have: the console, the clock and the reset.

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -191,22 +192,36 @@ def test_build_kit_no_kernel(tmp_path):
 
     busybox_cpio = cache / "initramfs" / "busybox.cpio"
     spin_cpio = cache / "initramfs" / "spin.cpio"
-    assert busybox_cpio.is_file() and spin_cpio.is_file()
-    for img in (busybox_cpio, spin_cpio):
+    tools_cpio = cache / "initramfs" / "tools.cpio"
+    assert busybox_cpio.is_file() and spin_cpio.is_file() and tools_cpio.is_file()
+    for img in (busybox_cpio, spin_cpio, tools_cpio):
         assert img.read_bytes()[:6] == b"070701", "not an uncompressed newc archive"
 
     bb = _cpio_list(busybox_cpio)
     names = {ln.split()[-1] if " -> " not in ln else ln.split(" -> ")[0].split()[-1] for ln in bb}
     for want in ("init", "bin/busybox", "bin/sh", "proc", "sys", "dev", "dev/console", "mnt",
                  "etc/kvmkit/start.sh", "etc/kvmkit/tests.sh", "etc/kvmkit/report.sh",
-                 "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-io", "root/.profile"):
+                 "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-rand", "root/.profile"):
         assert want in names, f"{want} missing from busybox.cpio"
     for script in ("etc/kvmkit/start.sh", "etc/kvmkit/tests.sh", "etc/kvmkit/report.sh",
-                   "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-io"):
+                   "etc/kvmkit/shell.sh", "etc/acpi/PWRF/00000080", "bin/kvmkit-rand"):
         assert next(ln for ln in bb if ln.endswith(" " + script)).startswith("-rwx"), script
     console = next(ln for ln in bb if ln.endswith(" dev/console"))
     assert console.startswith("c") and "5,   1" in console
     assert all(" root     root " in ln for ln in bb), "entries not owned by 0:0"
+    assert "bin/kvmkit-io" not in names, "the bench's load generator belongs in tools.cpio"
+    assert busybox_cpio.stat().st_size < 2_300_000, "every test guest unpacks busybox.cpio: keep it small"
+
+    # kvmkit-rand writes the stream tests/integration/guest.py predicts.
+    rand = cache / "build" / "stage" / "busybox" / "bin" / "kvmkit-rand"
+    out = subprocess.run([str(rand), "0x2a", "100003"], capture_output=True, check=True).stdout
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from guest import seeded_bytes
+    assert out == seeded_bytes(42, 100003)
+    assert subprocess.run([str(rand), "x", "1"], capture_output=True).returncode == 2
+
+    tl = _cpio_list(tools_cpio)
+    assert any(ln.startswith("-rwx") and ln.endswith(" bin/kvmkit-io") for ln in tl), tl
 
     sp = _cpio_list(spin_cpio)
     assert any(ln.startswith("-rwx") and ln.endswith(" init") for ln in sp)
@@ -222,7 +237,7 @@ def test_build_kit_no_kernel(tmp_path):
     env_lines = dict(
         ln.split("=", 1) for ln in (cache / "kit.env").read_text().splitlines() if ln and not ln.startswith("#")
     )
-    for key in ("SMALL_VMLINUX", "SMALL_BZIMAGE", "DEBIAN_BZIMAGE", "BUSYBOX_CPIO", "SPIN_CPIO", "DEMO_TOML"):
+    for key in ("SMALL_VMLINUX", "SMALL_BZIMAGE", "DEBIAN_BZIMAGE", "BUSYBOX_CPIO", "SPIN_CPIO", "TOOLS_CPIO", "DEMO_TOML"):
         assert key in env_lines
     assert Path(env_lines["BUSYBOX_CPIO"]) == busybox_cpio
     assert Path(env_lines["DEBIAN_BZIMAGE"]).read_bytes()[0x202:0x206] == b"HdrS"
