@@ -21,19 +21,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 # -- fuzz tests report how many inputs they ran (in every run, not only with -s) -------------
-_FUZZ_COUNTS = pytest.StashKey[list]()
+# The line travels as a user property of the test's report, so that it reaches
+# the terminal summary from pytest-xdist's workers too.
+_FUZZ_LINES: list[str] = []
+_FUZZ_PROPERTY = "kvmkit-fuzz-inputs"
 
 
 @pytest.fixture
 def fuzz_report(request):
     """fuzz_report(line): a line printed in the terminal summary (the input count)."""
-    lines = request.config.stash.setdefault(_FUZZ_COUNTS, [])
-    return lines.append
+    return lambda line: request.node.user_properties.append((_FUZZ_PROPERTY, line))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        lines = [value for name, value in report.user_properties if name == _FUZZ_PROPERTY]
+        _FUZZ_LINES.extend(lines)
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    lines = config.stash.get(_FUZZ_COUNTS, [])
-    if lines:
+    if _FUZZ_LINES:
         terminalreporter.section("fuzz inputs")
-        for line in lines:
+        for line in _FUZZ_LINES:
             terminalreporter.write_line(line)
