@@ -17,6 +17,7 @@ import hashlib
 import http.server
 import os
 import re
+import secrets
 import socket
 import subprocess
 import threading
@@ -24,7 +25,7 @@ import time
 
 import pytest
 
-from guest import initrd_with_hooks, machine_file, run_kvmkit
+from guest import initrd_with_hooks, machine_file, run_kvmkit, seeded_bytes
 
 pytestmark = pytest.mark.kvm
 
@@ -62,7 +63,7 @@ exec 3>&-
 # remount; a host-made file hashed; a host-made filler deleted and trimmed.
 mount -t ext4 /dev/vda /mnt && say "blk-mounted"
 say "blk-hostfile $(sha256sum /mnt/host.bin | cut -d' ' -f1)"
-dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=@GUEST_BLOCKS@ 2>/dev/null
+kvmkit-rand @FILE_SEED@ @GUEST_BYTES@ > /mnt/guest.bin
 sync
 say "blk-written $(sha256sum /mnt/guest.bin | cut -d' ' -f1)"
 umount /mnt && mount -t ext4 /dev/vda /mnt
@@ -139,8 +140,9 @@ def guest(guest_kit, tmp_path_factory):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     fwd_port = free_port()
+    seed = secrets.randbits(63)                 # the guest's file of random bytes
     hook = (HOOK.replace("@NVRAM_MARK@", NVRAM_MARK).replace("@NVRAM_LEN@", str(len(NVRAM_MARK)))
-            .replace("@GUEST_BLOCKS@", str(GUEST_FILE_KIB // 64)).replace("@DNS_NAME@", DNS_NAME)
+            .replace("@GUEST_BYTES@", str(GUEST_FILE_KIB * 1024)).replace("@FILE_SEED@", str(seed)).replace("@DNS_NAME@", DNS_NAME)
             .replace("@HTTP_PORT@", str(httpd.server_address[1])))
     initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"userspace": hook})
     ttys1 = d / "ttyS1.sock"
@@ -206,7 +208,7 @@ def guest(guest_kit, tmp_path_factory):
         mt = re.search(r"kvmkit-guest: (\S+) ?(.*)$", line)
         if mt:
             facts.setdefault(mt.group(1), mt.group(2).strip())
-    return {"result": result, "facts": facts, "seen": seen, "image": image, "host_sha": host_sha,
+    return {"result": result, "facts": facts, "seed": seed, "seen": seen, "image": image, "host_sha": host_sha,
             "blocks_before": blocks_before, "blob_sha": hashlib.sha256(blob).hexdigest()}
 
 
@@ -257,6 +259,7 @@ def test_guest_reads_a_host_made_file_from_virtio_blk(guest):
 
 def test_guest_written_file_reads_back_and_is_in_the_image(guest):
     written = fact(guest, "blk-written")
+    assert written == hashlib.sha256(seeded_bytes(guest["seed"], GUEST_FILE_KIB * 1024)).hexdigest()
     assert fact(guest, "blk-readback") == written
     assert "blk-unmounted" in guest["facts"]
     out = subprocess.run(["debugfs", "-R", "cat /guest.bin", str(guest["image"])],

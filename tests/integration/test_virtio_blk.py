@@ -21,8 +21,9 @@ import pytest
 
 import hashlib
 import os
+import secrets
 
-from guest import initrd_with_hooks, machine_file, run_kvmkit
+from guest import initrd_with_hooks, machine_file, run_kvmkit, seeded_bytes
 from requirement import need_module
 
 pytestmark = pytest.mark.kvm
@@ -60,14 +61,14 @@ RAW_KIB = 256
 TWO_DISKS_HOOK = r"""#!/bin/sh
 say() { echo "kvmkit-guest: $*"; }
 mount -t ext4 /dev/vda /mnt && say "mounted"
-dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=16 2>/dev/null
+kvmkit-rand @FILE_SEED@ 1048576 > /mnt/guest.bin
 sync
 say "written $(sha256sum /mnt/guest.bin | cut -d' ' -f1)"
 umount /mnt && mount -t ext4 /dev/vda /mnt
 say "readback $(sha256sum /mnt/guest.bin | cut -d' ' -f1)"
 umount /mnt && say "unmounted"
 say "partitions $(awk '$4 ~ /^vd/ {printf "%s ", $4}' /proc/partitions)"
-dd if=/dev/urandom of=/tmp/raw bs=1k count=@RAW_KIB@ 2>/dev/null
+kvmkit-rand @RAW_SEED@ $((@RAW_KIB@ * 1024)) > /tmp/raw
 dd if=/tmp/raw of=/dev/vdb2 bs=64k conv=fsync 2>/dev/null && say "raw-written $(sha256sum /tmp/raw | cut -d' ' -f1)"
 echo 3 > /proc/sys/vm/drop_caches
 say "raw-readback $(dd if=/dev/vdb2 bs=1k count=@RAW_KIB@ 2>/dev/null | sha256sum | cut -d' ' -f1)"
@@ -109,17 +110,19 @@ def two_disks(guest_kit, tmp_path_factory, request):
     root, data = d / "root.img", d / "data.img"
     make_ext4(root, 64, "kvmkit-root")
     make_partitioned(data, 32, [(2048, 16384, 0x83), (VDB2_START, 43008, 0x83)])
-    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"two-disks": TWO_DISKS_HOOK})
+    seeds = {"file": secrets.randbits(63), "raw": secrets.randbits(63)}   # the guest's random bytes
+    hook = TWO_DISKS_HOOK.replace("@FILE_SEED@", str(seeds["file"])).replace("@RAW_SEED@", str(seeds["raw"]))
+    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"two-disks": hook})
     m = machine(d / "two.toml", guest_kit["SMALL_VMLINUX"], "console=ttyS0 panic=-1 reboot=k",
                 [(root, {"queue": queue}), (data, {"queue": queue})], initrd=initrd)
     started = time.time()
     result = run_kvmkit(["-v", "run", str(m)], timeout=900)
     print(result.describe())
-    return result, root, started, queue, data
+    return result, root, started, queue, data, seeds
 
 
 def test_queue_backend_is_the_one_asked_for(two_disks):
-    result, _, _, queue, _ = two_disks
+    result, _, _, queue, _, _ = two_disks
     assert result.stderr.count(f"virtqueues: {queue} (") == 2, result.describe()
     assert f"; {queue} virtqueues (virtio-blk.0, virtio-blk.1)" in result.stderr   # the end line
     served = [int(n) for n in re.findall(r"the engine served (\d+) requests in C", result.stderr)]
@@ -143,19 +146,21 @@ def test_partitions_read_from_the_host_made_table(two_disks):
 
 
 def test_guest_file_reads_back_and_is_in_the_image(two_disks):
-    result, root, *_ = two_disks
+    result, root, *_, seeds = two_disks
     f = facts(result)
     assert "mounted" in f and "unmounted" in f, result.describe()
     assert f.get("readback") == f.get("written") and f.get("written"), result.describe()
+    assert f["written"] == hashlib.sha256(seeded_bytes(seeds["file"], 1 << 20)).hexdigest()
     data = subprocess.run(["debugfs", "-R", "cat /guest.bin", str(root)], capture_output=True, check=True).stdout
     assert len(data) == 1 << 20 and hashlib.sha256(data).hexdigest() == f["written"]
 
 
 def test_raw_partition_write_lands_at_the_partition_offset(two_disks):
-    result, _, _, _, data = two_disks
+    result, _, _, _, data, seeds = two_disks
     f = facts(result)
     assert f.get("partitions", "").split() == ["vda", "vdb", "vdb1", "vdb2"], result.describe()
     assert f.get("raw-written") and f.get("raw-readback") == f["raw-written"], result.describe()
+    assert f["raw-written"] == hashlib.sha256(seeded_bytes(seeds["raw"], RAW_KIB * 1024)).hexdigest()
     with open(data, "rb") as img:
         img.seek(VDB2_START * 512)
         on_disk = img.read(RAW_KIB * 1024)
@@ -173,7 +178,7 @@ def test_interrupts_went_through_msix(two_disks):
 
 
 def test_image_is_consistent_and_records_the_guest_mounts(two_disks):
-    _, root, started, _, _ = two_disks
+    _, root, started, _, _, _ = two_disks
     check = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     header = subprocess.run(["dumpe2fs", "-h", str(root)], capture_output=True, text=True).stdout

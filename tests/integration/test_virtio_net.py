@@ -18,6 +18,7 @@ import hashlib
 import http.server
 import os
 import re
+import secrets
 import signal
 import socket
 import threading
@@ -26,7 +27,7 @@ import time
 import pytest
 
 import guest
-from guest import initrd_with_hooks, run_kvmkit
+from guest import initrd_with_hooks, run_kvmkit, seeded_bytes
 from requirement import need_module
 
 pytestmark = pytest.mark.kvm
@@ -325,6 +326,7 @@ class Transfer:
 
     def __init__(self, d, address: str, make_socket=socket.socket):
         self.blob = os.urandom(1 << 20)
+        self.seed = secrets.randbits(63)        # what the guest sends: kvmkit-rand's bytes
         (d / "blob").write_bytes(self.blob)
         self.received = bytearray()
         self.done = threading.Event()
@@ -366,7 +368,7 @@ class Transfer:
         return (f"#!/bin/sh\n"
                 f"wget -q -O /tmp/in http://{host}:{self.httpd.server_address[1]}/blob\n"
                 f"echo \"kvmkit-guest: net-in $(md5sum /tmp/in | cut -d' ' -f1)\"\n"
-                f"dd if=/dev/urandom of=/tmp/out bs=1024 count={OUT_SIZE // 1024} 2>/dev/null\n"
+                f"kvmkit-rand {self.seed} {OUT_SIZE} > /tmp/out\n"
                 f"echo \"kvmkit-guest: net-out $(md5sum /tmp/out | cut -d' ' -f1)\"\n"
                 f"nc -w 10 {host} {self.sink.getsockname()[1]} < /tmp/out\n"
                 f"touch /tmp/kvmkit-no-reset\n")   # the test stops the VM
@@ -386,6 +388,7 @@ class Transfer:
         sent = result.find(r"kvmkit-guest: net-out ([0-9a-f]{32})")
         assert sent, result.describe()
         assert len(self.received) == OUT_SIZE and hashlib.md5(self.received).hexdigest() == sent[1][1]
+        assert bytes(self.received) == seeded_bytes(self.seed, OUT_SIZE)
 
 
 def test_files_both_ways_over_the_tap(tap_boot):
