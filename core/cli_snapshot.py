@@ -5,13 +5,14 @@ cannot change.  What may: its name (--name, for a second copy running next to
 the first), --detach, the watchdog (--stall-timeout), --host-quirks, and the
 host side of a device with ``--set DEVICE.KEY=VALUE`` (DEVICE as `kvmkit
 status` names it, e.g. serial8250.0; KEY one of OVERRIDABLE: where its
-console goes, which copy of a disk image it uses)."""
+console goes, which copy of a disk image it uses, whether a virtio device's
+queues run in Python or on the C engine: both save the same ring indices)."""
 from __future__ import annotations
 
 import os
 import sys
 
-OVERRIDABLE = ("backend", "path", "ifname", "forward")
+OVERRIDABLE = ("backend", "path", "ifname", "forward", "queue")
 # run flags a restored machine cannot take: (attribute, flag)
 FIXED = (("machine", "a machine file"), ("kernel", "--kernel"), ("initrd", "--initrd"),
          ("append", "--append"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("device", "--device"))
