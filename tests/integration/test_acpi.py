@@ -2,26 +2,22 @@
 discovery: ACPI on, no MP-table parsing) finds both CPUs, the IOAPIC, and the
 serial port, the clock and the keyboard controller through the DSDT; its ACPI
 reset (``reboot=acpi``, through the FADT reset register: the chipset's 0xCF9)
-ends kvmkit with status 0; the power button reaches the guest.  And ``acpi = false`` leaves no RSDP in guest memory.
+ends kvmkit with status 0.  And ``acpi = false`` leaves no RSDP in guest memory.
 
-The guest's own ``poweroff`` (ACPI S5) is tested from its userspace in
-test_userspace.py; here ``kvmkit stop`` presses the power button and the
-guest's busybox acpid powers it off.
+The power button (``kvmkit stop``), which the guest's busybox acpid turns
+into a ``poweroff`` and ACPI S5, is tested at the end of test_userspace.py's
+guest.
 """
-import os
 import struct
-import subprocess
-import sys
-import threading
 
 import pytest
 
-from guest import initrd_with_hooks, machine_file, run_kvmkit
+from guest import machine_file, run_kvmkit
 
 pytestmark = pytest.mark.kvm
 
-def acpi_machine(d, name, vmlinux, initrd=None, acpi=None, vcpus=2):
-    return machine_file(d / f"{name}.toml", name=name, image=vmlinux, initrd=initrd, vcpus=vcpus,
+def acpi_machine(d, name, vmlinux, initrd=None, acpi=None):
+    return machine_file(d / f"{name}.toml", name=name, image=vmlinux, initrd=initrd, vcpus=2,
                         acpi=acpi, cmdline="console=ttyS0 reboot=acpi panic=-1")
 
 
@@ -68,48 +64,6 @@ def test_acpi_reset_ends_kvmkit_with_0(reset_boot):
     assert reset_boot.returncode == 0, reset_boot.describe()
     assert "guest reset (port 0xCF9" in reset_boot.stderr, reset_boot.describe()   # the FADT RESET_REG
     assert "the guest runs ACPI" in reset_boot.stderr, reset_boot.describe()
-
-
-WAIT_FOR_BUTTON = ('#!/bin/sh\necho "kvmkit-guest: waiting for the power button"\n'
-                   'touch /tmp/kvmkit-no-reset\nwhile :; do sleep 5; done\n')
-
-
-def test_power_button_powers_the_guest_off(guest_kit, tmp_path_factory):
-    """A graceful stop presses the ACPI power button (the GED's interrupt);
-    the guest's _EVT notifies PWRB, the kernel's button driver reports a key,
-    busybox acpid in the guest runs ``poweroff``, and the guest's S5 ends
-    kvmkit with status 0."""
-    d = tmp_path_factory.mktemp("acpi-button")
-    xdg = d / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(xdg)}
-    initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"wait": WAIT_FOR_BUTTON})
-    # One vCPU: both CPUs through the MADT are checked on reset_boot, and a
-    # second vCPU only slows a guest on a loaded 2-core host.
-    machine = acpi_machine(d, "acpi-button", guest_kit["ACPI_VMLINUX"], initrd, vcpus=1)
-    stops, stopped = [], threading.Event()
-
-    def stop(_proc):
-        try:
-            stops.append(subprocess.run([sys.executable, "-m", "kvmkit", "stop", "acpi-button",
-                                         "--timeout", "120"], env=env, capture_output=True,
-                                        text=True, timeout=300))
-        finally:
-            stopped.set()
-
-    # run_kvmkit reads the console on its own thread and ends kvmkit after the
-    # timeout: a guest that never prints the line fails instead of hanging.
-    boot = run_kvmkit(["-v", "run", str(machine)], timeout=1200, env=env,
-                      when=r"waiting for the power button", then=stop)
-    assert boot.find(r"waiting for the power button"), boot.describe()
-    assert stopped.wait(60), "kvmkit stop did not return after the VM ended"
-    assert stops, "kvmkit stop failed to run"
-    done, err, text = stops[0], boot.stderr, boot.console
-    assert "pressing the ACPI power button" in err, boot.describe() + done.stdout + done.stderr
-    assert "the guest took the power-button event" in err, boot.describe()
-    assert "The system is going down NOW!" in text or "Sent SIGTERM to all processes" in text, boot.describe()
-    assert done.returncode == 0 and "(exit status 0)" in done.stdout, done.stdout + done.stderr
-    assert boot.returncode == 0 and "guest power-off" in err, boot.describe()
 
 
 # -- acpi = false ------------------------------------------------------------------------

@@ -84,10 +84,17 @@ def session(guest_kit, env, tmp_path_factory):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     console = Console(proc)
     facts = {}
+    t0 = time.monotonic()
+    phases = facts["phases"] = []               # (what, seconds since the start): where time goes
+
+    def phase(what):
+        phases.append((what, round(time.monotonic() - t0, 1)))
     try:
         assert console.wait_for(r"kvmkit-guest: count 3\b", 600), console.lines[-20:]
+        phase("count 3")
         facts["listed"] = kvmkit(env, "list").stdout
         paused = kvmkit(env, "pause", "ctl")
+        phase("paused")
         facts["pause_rc"] = paused.returncode
         before = status(env, "ctl")
         counted = counts(console)
@@ -97,8 +104,10 @@ def session(guest_kit, env, tmp_path_factory):
         facts["resume_rc"] = kvmkit(env, "resume", "ctl").returncode
         last = max(counts(console))
         facts["resumed_count"] = console.wait_for(rf"kvmkit-guest: count {last + 2}\b", 120)
+        phase("counted on")
         facts["resumed"] = status(env, "ctl")
         stop = kvmkit(env, "stop", "ctl", "--timeout", "120", timeout=200)
+        phase("stopped")
         facts["stop"] = stop
         proc.wait(timeout=200)
     finally:
@@ -109,6 +118,7 @@ def session(guest_kit, env, tmp_path_factory):
     facts["returncode"] = proc.returncode
     facts["stderr"] = proc.stderr.read().decode(errors="replace")
     facts["console"] = "\n".join(line for _, line in console.lines)
+    print("ctl session:", phases)
     return facts
 
 

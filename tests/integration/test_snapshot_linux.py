@@ -70,7 +70,7 @@ def restored(guest_kit, tmp_path_factory):
     initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"count": COUNT_HOOK})
     name = f"snap-e2e-{int(time.time())}"
     m = machine_file(d / "count.toml", name=name, image=guest_kit["ACPI_VMLINUX"], initrd=initrd,
-                     vcpus=2, cmdline=CMDLINE,
+                     vcpus=1, cmdline=CMDLINE,
                      devices=({"kind": "serial8250"}, {"kind": "rtc"}, {"kind": "i8042"},
                               {"kind": "virtio-blk", "path": str(disk)}))
     snap = d / "snapshot"

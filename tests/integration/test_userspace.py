@@ -5,8 +5,10 @@ core ships with: the console (stdio), a second UART (socket), the CMOS RTC,
 the i8042, a virtio-blk disk and user-mode virtio-net.  A hook script run by
 the busybox /init uses the devices the way programs do and prints what it
 sees as ``kvmkit-guest: KEY VALUE`` lines; the host types into both UARTs,
-connects to a forwarded port, and checks the disk image after the guest has
-powered itself off (ACPI S5: kvmkit exits 0).
+serves a file and takes one over the network, connects to a forwarded port,
+and at the end stops the VM with ``kvmkit stop``: the ACPI power button, which
+the guest's acpid turns into a ``poweroff`` through busybox init (ACPI S5:
+kvmkit exits 0).  The disk image is checked after that.
 
 Guest userspace runs on the nested CI host only with the kit's patched
 kernel (guest/pvm-user-syscall.patch); every system call's kernel side is
@@ -25,13 +27,14 @@ import time
 
 import pytest
 
-from guest import initrd_with_hooks, machine_file, run_kvmkit, seeded_bytes
+from guest import KVMKIT, initrd_with_hooks, machine_file, run_kvmkit, seeded_bytes
 
 pytestmark = pytest.mark.kvm
 
 MIB = 1 << 20
 FILLER_MIB = 8
 GUEST_FILE_KIB = 1024
+OUT_BYTES = 512 * 1024                      # sent by the guest to the host over slirp
 NVRAM_MARK = "kvmkit-nv"
 
 HOOK = r"""#!/bin/sh
@@ -78,6 +81,9 @@ say "net-addr $(ip -4 -o addr show eth0 | awk '{print $4}')"
 say "dns $(nslookup @DNS_NAME@ 10.0.2.3 2>&1 | awk '/^Address/ && !/10\.0\.2\.3/ {print $NF}' | sort | tr '\n' ' ')"
 wget -q -O /tmp/in http://10.0.2.2:@HTTP_PORT@/blob
 say "net-in $(sha256sum /tmp/in | cut -d' ' -f1)"
+kvmkit-rand @OUT_SEED@ @OUT_BYTES@ > /tmp/out
+say "net-out $(sha256sum /tmp/out | cut -d' ' -f1)"
+nc -w 10 10.0.2.2 @SINK_PORT@ < /tmp/out
 printf '#!/bin/sh\nread -r x\necho "guest-got:$x"\n' > /tmp/reply.sh && chmod +x /tmp/reply.sh
 timeout 120 nc -l -p 8080 -e /tmp/reply.sh &
 say "forward-listening"
@@ -86,8 +92,12 @@ wait
 # The NVRAM still holds what was written at the start.
 say "nvram $(dd if=$nv bs=1 skip=20 count=@NVRAM_LEN@ 2>/dev/null)"
 
+# The end: the host's `kvmkit stop` presses the ACPI power button, busybox
+# acpid runs /etc/acpi/PWRF/00000080 (a shell script: `poweroff`), busybox
+# init stops everything and the kernel powers off through ACPI S5.
 touch /tmp/kvmkit-no-reset
-poweroff
+say "waiting for the power button"
+while :; do sleep 5; done
 """
 
 
@@ -141,9 +151,29 @@ def guest(guest_kit, tmp_path_factory):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     fwd_port = free_port()
     seed = secrets.randbits(63)                 # the guest's file of random bytes
+    out_seed = secrets.randbits(63)             # what the guest sends to the host
+    sink = socket.create_server(("127.0.0.1", 0))
+    sink.settimeout(900)
+    received = bytearray()
+
+    def take():                                 # all of it, then close: busybox nc ends on EOF
+        try:
+            conn, _ = sink.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(120)
+            try:
+                while len(received) < OUT_BYTES and (chunk := conn.recv(65536)):
+                    received.extend(chunk)
+            except OSError:
+                pass
+    threading.Thread(target=take, daemon=True).start()
     hook = (HOOK.replace("@NVRAM_MARK@", NVRAM_MARK).replace("@NVRAM_LEN@", str(len(NVRAM_MARK)))
             .replace("@GUEST_BYTES@", str(GUEST_FILE_KIB * 1024)).replace("@FILE_SEED@", str(seed)).replace("@DNS_NAME@", DNS_NAME)
-            .replace("@HTTP_PORT@", str(httpd.server_address[1])))
+            .replace("@HTTP_PORT@", str(httpd.server_address[1]))
+            .replace("@OUT_SEED@", str(out_seed)).replace("@OUT_BYTES@", str(OUT_BYTES))
+            .replace("@SINK_PORT@", str(sink.getsockname()[1])))
     initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"userspace": hook})
     ttys1 = d / "ttyS1.sock"
     m = machine_file(d / "userspace.toml", name="userspace", image=guest_kit["ACPI_VMLINUX"],
@@ -195,20 +225,33 @@ def guest(guest_kit, tmp_path_factory):
                 pass
             time.sleep(1)
 
+    stopped = threading.Event()
+
+    def press_the_power_button(proc):
+        try:
+            seen["stop"] = subprocess.run(KVMKIT + ["stop", "userspace", "--timeout", "120"],
+                                          capture_output=True, text=True, timeout=300)
+        finally:
+            stopped.set()
+
     try:
         result = run_kvmkit(["-v", "run", str(m)], timeout=1200, stdin=subprocess.PIPE,
                             triggers=[(r"kvmkit-guest: userspace up", talk_ttys1),
                                       (r"kvmkit-guest: console-ready", type_console),
-                                      (r"kvmkit-guest: forward-listening", connect_forward)])
+                                      (r"kvmkit-guest: forward-listening", connect_forward),
+                                      (r"kvmkit-guest: waiting for the power button",
+                                       press_the_power_button)])
+        stopped.wait(60)
     finally:
         httpd.shutdown()
+        sink.close()
     print(result.describe())
     facts = {}
     for _, line in result.lines:
         mt = re.search(r"kvmkit-guest: (\S+) ?(.*)$", line)
         if mt:
             facts.setdefault(mt.group(1), mt.group(2).strip())
-    return {"result": result, "facts": facts, "seed": seed, "seen": seen, "image": image, "host_sha": host_sha,
+    return {"result": result, "facts": facts, "seed": seed, "out_seed": out_seed, "received": received, "seen": seen, "image": image, "host_sha": host_sha,
             "blocks_before": blocks_before, "blob_sha": hashlib.sha256(blob).hexdigest()}
 
 
@@ -218,10 +261,19 @@ def fact(guest, key):
     return value
 
 
-def test_poweroff_from_userspace_ends_kvmkit_with_0(guest):
-    r = guest["result"]
-    assert r.returncode == 0, r.describe()
-    assert "guest power-off" in r.stderr, r.describe()
+def test_power_button_powers_the_guest_off_through_its_userspace(guest):
+    """``kvmkit stop`` presses the ACPI power button (the GED's interrupt); the
+    guest's _EVT notifies PWRB, the kernel's button driver reports a key,
+    busybox acpid runs ``poweroff``, busybox init stops everything, and the
+    guest's S5 ends kvmkit with status 0."""
+    r, stop = guest["result"], guest["seen"].get("stop")
+    assert stop is not None, "kvmkit stop did not run or return\n" + r.describe()
+    assert "pressing the ACPI power button" in r.stderr, r.describe() + stop.stdout + stop.stderr
+    assert "the guest took the power-button event" in r.stderr, r.describe()
+    assert "The system is going down NOW!" in r.console or "Sent SIGTERM to all processes" in r.console, \
+        r.describe()
+    assert stop.returncode == 0 and "(exit status 0)" in stop.stdout, stop.stdout + stop.stderr
+    assert r.returncode == 0 and "guest power-off" in r.stderr, r.describe()
 
 
 def test_each_cpu_runs_a_pinned_program(guest):
@@ -295,6 +347,12 @@ def test_dns_through_slirp_matches_the_host(guest):
 
 def test_file_from_the_host_over_http(guest):
     assert fact(guest, "net-in") == guest["blob_sha"]
+
+
+def test_file_to_the_host_over_tcp(guest):
+    sent = fact(guest, "net-out")
+    assert sent == hashlib.sha256(seeded_bytes(guest["out_seed"], OUT_BYTES)).hexdigest()
+    assert bytes(guest["received"]) == seeded_bytes(guest["out_seed"], OUT_BYTES), len(guest["received"])
 
 
 def test_tcp_forward_reaches_a_guest_listener(guest):
