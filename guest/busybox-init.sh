@@ -12,8 +12,9 @@
 #                       concatenated archives in order).
 #   kvmkit.init=report  print what the guest sees (CPUs, memory, devices,
 #                       clock), then power off.  `./demo </dev/null`.
-#   kvmkit.init=shell   a shell on the console (job control through
-#                       cttyhack); leaving it powers off.  `./demo` on a tty.
+#   kvmkit.init=shell   a shell on the console's tty, its controlling
+#                       terminal (job control: Ctrl-C, Ctrl-Z); leaving it
+#                       powers off.  `./demo` on a tty.
 #
 # In every mode busybox init is PID 1, so `poweroff`, `reboot` and `halt` end
 # the guest cleanly, Ctrl-Alt-Del (kvmkit stop without ACPI) reboots, and
@@ -41,7 +42,13 @@ done
 case $mode in
 tests)	main="::once:/etc/kvmkit/tests.sh" ;;
 report)	main="::once:/etc/kvmkit/report.sh" ;;
-shell)	main="::once:/etc/kvmkit/shell.sh"
+shell)	# The shell gets the console's own tty (e.g. ttyS0) from busybox init,
+	# which opens it as the controlling terminal: /dev/console never is
+	# one, and without it the shell has no job control (Ctrl-C, Ctrl-Z).
+	tty=
+	read -r consoles < /sys/class/tty/console/active
+	for tty in $consoles; do :; done	# the last one is /dev/console
+	main="$tty::once:/etc/kvmkit/shell.sh"
 	# ptys and POSIX shared memory, for what a user may run in the shell
 	/bin/busybox mkdir -p /dev/pts /dev/shm
 	/bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null ;;
