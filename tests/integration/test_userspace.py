@@ -16,7 +16,6 @@ emulated there, so the script keeps to a few dozen programs.
 """
 import calendar
 import hashlib
-import http.server
 import os
 import re
 import secrets
@@ -28,13 +27,13 @@ import time
 import pytest
 
 from guest import KVMKIT, initrd_with_hooks, machine_file, run_kvmkit, seeded_bytes
+from transfer import OUT_SIZE, Transfer
 
 pytestmark = pytest.mark.kvm
 
 MIB = 1 << 20
 FILLER_MIB = 8
 GUEST_FILE_KIB = 1024
-OUT_BYTES = 512 * 1024                      # sent by the guest to the host over slirp
 NVRAM_MARK = "kvmkit-nv"
 
 HOOK = r"""#!/bin/sh
@@ -137,43 +136,14 @@ def guest(guest_kit, tmp_path_factory):
     d = tmp_path_factory.mktemp("userspace")
     image, host_sha = make_disk(d)
     blocks_before = os.stat(image).st_blocks
-    blob = os.urandom(MIB)
-    (d / "blob").write_bytes(blob)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(d), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    xfer = Transfer(d, "127.0.0.1")            # a file from the host, a file to it
     fwd_port = free_port()
     seed = secrets.randbits(63)                 # the guest's file of random bytes
-    out_seed = secrets.randbits(63)             # what the guest sends to the host
-    sink = socket.create_server(("127.0.0.1", 0))
-    sink.settimeout(900)
-    received = bytearray()
-
-    def take():                                 # all of it, then close: busybox nc ends on EOF
-        try:
-            conn, _ = sink.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(120)
-            try:
-                while len(received) < OUT_BYTES and (chunk := conn.recv(65536)):
-                    received.extend(chunk)
-            except OSError:
-                pass
-    threading.Thread(target=take, daemon=True).start()
     hook = (HOOK.replace("@NVRAM_MARK@", NVRAM_MARK).replace("@NVRAM_LEN@", str(len(NVRAM_MARK)))
             .replace("@GUEST_BYTES@", str(GUEST_FILE_KIB * 1024)).replace("@FILE_SEED@", str(seed)).replace("@DNS_NAME@", DNS_NAME)
-            .replace("@HTTP_PORT@", str(httpd.server_address[1]))
-            .replace("@OUT_SEED@", str(out_seed)).replace("@OUT_BYTES@", str(OUT_BYTES))
-            .replace("@SINK_PORT@", str(sink.getsockname()[1])))
+            .replace("@HTTP_PORT@", str(xfer.http_port))
+            .replace("@OUT_SEED@", str(xfer.seed)).replace("@OUT_BYTES@", str(OUT_SIZE))
+            .replace("@SINK_PORT@", str(xfer.sink_port)))
     initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"userspace": hook})
     ttys1 = d / "ttyS1.sock"
     m = machine_file(d / "userspace.toml", name="userspace", image=guest_kit["ACPI_VMLINUX"],
@@ -243,16 +213,15 @@ def guest(guest_kit, tmp_path_factory):
                                        press_the_power_button)])
         stopped.wait(60)
     finally:
-        httpd.shutdown()
-        sink.close()
+        xfer.close()
     print(result.describe())
     facts = {}
     for _, line in result.lines:
         mt = re.search(r"kvmkit-guest: (\S+) ?(.*)$", line)
         if mt:
             facts.setdefault(mt.group(1), mt.group(2).strip())
-    return {"result": result, "facts": facts, "seed": seed, "out_seed": out_seed, "received": received, "seen": seen, "image": image, "host_sha": host_sha,
-            "blocks_before": blocks_before, "blob_sha": hashlib.sha256(blob).hexdigest()}
+    return {"result": result, "facts": facts, "seed": seed, "xfer": xfer, "seen": seen, "image": image, "host_sha": host_sha,
+            "blocks_before": blocks_before, "blob_sha": hashlib.sha256(xfer.blob).hexdigest()}
 
 
 def fact(guest, key):
@@ -351,8 +320,10 @@ def test_file_from_the_host_over_http(guest):
 
 def test_file_to_the_host_over_tcp(guest):
     sent = fact(guest, "net-out")
-    assert sent == hashlib.sha256(seeded_bytes(guest["out_seed"], OUT_BYTES)).hexdigest()
-    assert bytes(guest["received"]) == seeded_bytes(guest["out_seed"], OUT_BYTES), len(guest["received"])
+    xfer = guest["xfer"]
+    want = seeded_bytes(xfer.seed, OUT_SIZE)
+    assert sent == hashlib.sha256(want).hexdigest()
+    assert bytes(xfer.received) == want, len(xfer.received)
 
 
 def test_tcp_forward_reaches_a_guest_listener(guest):

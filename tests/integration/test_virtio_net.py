@@ -16,11 +16,8 @@ HTTP and sends one back over TCP, and the bytes are compared; then the test
 stops the VM with SIGTERM.  Files each way over user-mode networking are
 test_userspace.py's.
 """
-import hashlib
-import http.server
 import os
 import re
-import secrets
 import signal
 import socket
 import threading
@@ -29,7 +26,8 @@ import time
 import pytest
 
 import guest
-from guest import initrd_with_hooks, run_kvmkit, seeded_bytes
+from guest import initrd_with_hooks, run_kvmkit
+from transfer import Transfer
 from requirement import need_module
 
 pytestmark = pytest.mark.kvm
@@ -318,81 +316,6 @@ def test_tap_boot_ends_cleanly(tap_boot):
 
 
 # -- files both ways over the tap (over slirp: test_userspace.py) ----------------------------------
-
-OUT_SIZE = 512 * 1024
-
-
-class Transfer:
-    """A host HTTP server with a random blob for the guest to fetch, and a TCP
-    sink for a random file the guest sends; the guest's hook prints both md5s."""
-
-    def __init__(self, d, address: str, make_socket=socket.socket):
-        self.blob = os.urandom(1 << 20)
-        self.seed = secrets.randbits(63)        # what the guest sends: kvmkit-rand's bytes
-        (d / "blob").write_bytes(self.blob)
-        self.received = bytearray()
-        self.done = threading.Event()
-
-        class Quiet(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, directory=str(d), **kw)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer((address, 0), Quiet, bind_and_activate=False)
-        self.httpd.socket = make_socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.httpd.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.httpd.server_bind()
-        self.httpd.server_activate()
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.sink = make_socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sink.bind((address, 0))
-        self.sink.listen(1)
-        self.sink.settimeout(900)
-        threading.Thread(target=self._take, daemon=True).start()
-
-    def _take(self):                         # all of it, then close: busybox nc ends on EOF
-        try:
-            conn, _ = self.sink.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(120)
-            try:
-                while len(self.received) < OUT_SIZE and (chunk := conn.recv(65536)):
-                    self.received.extend(chunk)
-            except OSError:
-                pass
-        self.done.set()
-
-    def hook(self, host: str) -> str:
-        return (f"#!/bin/sh\n"
-                f"wget -q -O /tmp/in http://{host}:{self.httpd.server_address[1]}/blob\n"
-                f"echo \"kvmkit-guest: net-in $(md5sum /tmp/in | cut -d' ' -f1)\"\n"
-                f"kvmkit-rand {self.seed} {OUT_SIZE} > /tmp/out\n"
-                f"echo \"kvmkit-guest: net-out $(md5sum /tmp/out | cut -d' ' -f1)\"\n"
-                f"nc -w 10 {host} {self.sink.getsockname()[1]} < /tmp/out\n"
-                f"touch /tmp/kvmkit-no-reset\n")   # the test stops the VM
-
-    def wait(self, timeout: float) -> bool:
-        return self.done.wait(timeout)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.sink.close()
-
-    def check(self, result):
-        got = result.find(r"kvmkit-guest: net-in ([0-9a-f]{32})")
-        assert got, result.describe()
-        assert got[1][1] == hashlib.md5(self.blob).hexdigest()
-        sent = result.find(r"kvmkit-guest: net-out ([0-9a-f]{32})")
-        assert sent, result.describe()
-        assert len(self.received) == OUT_SIZE and hashlib.md5(self.received).hexdigest() == sent[1][1]
-        assert bytes(self.received) == seeded_bytes(self.seed, OUT_SIZE)
-
-
 def test_files_both_ways_over_the_tap(tap_boot):
     result, _, observed, _, xfer = tap_boot
     assert observed.get("transfer"), (observed, result.describe())
