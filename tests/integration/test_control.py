@@ -106,10 +106,11 @@ def session(guest_kit, env, tmp_path_factory):
         facts["resumed_count"] = console.wait_for(rf"kvmkit-guest: count {last + 2}\b", 120)
         phase("counted on")
         facts["resumed"] = status(env, "ctl")
-        stop = kvmkit(env, "stop", "ctl", "--timeout", "120", timeout=200)
+        # busybox init's shutdown took over 120 s with a busy loop on each core
+        stop = kvmkit(env, "stop", "ctl", "--timeout", "300", timeout=400)
         phase("stopped")
         facts["stop"] = stop
-        proc.wait(timeout=200)
+        proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,10 +6,12 @@ The kernel is built with RANDOM_TRUST_CPU and RANDOM_TRUST_BOOTLOADER off
 (tinyconfig), so its pool is only ready ("crng init done") once enough
 entropy has been credited; virtio-rng's hwrng thread credits it within a
 second of the driver binding.  The spinning /init keeps the kernel up until
-SIGTERM stops the VM.
+SIGTERM stops the VM, once the guest has printed both the pool's and the
+clock's lines.
 """
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -34,11 +36,24 @@ def boot(guest_kit, tmp_path_factory):
                               {"kind": "i8042"},
                               {"kind": "virtio-rng", "max_bytes_per_request": 64}])
 
-    def stop(proc):
-        time.sleep(SETTLE)
-        proc.send_signal(signal.SIGTERM)
+    # Stop once the guest has printed both lines the tests read.  Their order
+    # is not fixed: under load virtio-rng seeded the pool before the RTC set
+    # the clock, and a stop 1 s after "crng init done" came before the clock.
+    awaited = {"crng init done", "setting system clock"}
+    lock = threading.Lock()
 
-    result = run_kvmkit(["-v", "run", str(m)], timeout=900, when=r"crng init done", then=stop)
+    def saw(line):
+        def fn(proc):
+            with lock:
+                awaited.discard(line)
+                if awaited:
+                    return
+            time.sleep(SETTLE)
+            proc.send_signal(signal.SIGTERM)
+        return fn
+
+    result = run_kvmkit(["-v", "run", str(m)], timeout=900,
+                        triggers=[(re.escape(line), saw(line)) for line in sorted(awaited)])
     print(result.describe())
     return result
 
