@@ -112,7 +112,9 @@ def test_a_counting_guest_restored_twice_goes_on_from_the_saved_count(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "memory", "state.json"]
     for _ in range(2):
         after, in_memory = restore_and_run(path)
-        assert in_memory == saved
+        # The pause may catch the guest between its store and its OUT (a loaded
+        # host did): memory then holds the next count, the one it writes next.
+        assert in_memory in (saved, saved + 1), (saved, in_memory)
         assert after[:50] == list(range(saved + 1, saved + 51)), (saved, after[:5])
 
 
