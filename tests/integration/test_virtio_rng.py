@@ -22,7 +22,9 @@ from requirement import need_module
 
 pytestmark = pytest.mark.kvm
 
-SETTLE = 1.0                # seconds between "crng init done" and SIGTERM
+SETTLE = 1.0                # seconds between the last awaited line and SIGTERM
+AWAITED = ("crng init done", "setting system clock")   # the lines the tests read
+FIXED_START = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)   # rtc-fixed's start
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def boot(guest_kit, tmp_path_factory):
     m = machine_file(d / "rng.toml", name="virtio-rng-example", image=guest_kit["SMALL_VMLINUX"],
                      initrd=guest_kit["SPIN_CPIO"], cmdline="console=ttyS0 panic=-1",
                      devices=[{"kind": "serial8250"},
-                              {"kind": "rtc-fixed", "start": "2000-01-01T00:00:00Z"},
+                              {"kind": "rtc-fixed", "start": FIXED_START.isoformat()},
                               {"kind": "i8042"},
                               {"kind": "virtio-rng", "max_bytes_per_request": 64}])
 
     # Stop once the guest has printed both lines the tests read.  Their order
     # is not fixed: under load virtio-rng seeded the pool before the RTC set
     # the clock, and a stop 1 s after "crng init done" came before the clock.
-    awaited = {"crng init done", "setting system clock"}
+    awaited = set(AWAITED)
     lock = threading.Lock()
 
     def saw(line):
@@ -54,7 +56,7 @@ def boot(guest_kit, tmp_path_factory):
         return fn
 
     result = run_kvmkit(["-v", "run", str(m)], timeout=900,
-                        triggers=[(re.escape(line), saw(line)) for line in sorted(awaited)])
+                        triggers=[(re.escape(line), saw(line)) for line in AWAITED])
     print(result.describe())
     return result
 
@@ -80,8 +82,7 @@ def test_alternative_rtc_gives_the_fixed_start_time(boot):
     # The fixed clock runs from the VM's start: the guest reads the start plus
     # at most the time kvmkit has run (over a minute on a loaded host).
     read = datetime.datetime.fromisoformat(found[1].group(1) + "+00:00")
-    start = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
-    assert 0 <= (read - start).total_seconds() <= boot.wall, (found[1].group(0), boot.wall)
+    assert 0 <= (read - FIXED_START).total_seconds() <= boot.wall, (found[1].group(0), boot.wall)
 
 
 def test_sigterm_ends_it(boot):
