@@ -44,7 +44,8 @@ class Transfer:
         self.sink = make_socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sink.bind((address, 0))
         self.sink.listen(1)
-        self.sink.settimeout(900)
+        self.sink.settimeout(1)                 # polls: the sink waits until close()
+        self.closed = threading.Event()
         threading.Thread(target=self._take, daemon=True).start()
 
     @property
@@ -55,19 +56,32 @@ class Transfer:
     def sink_port(self) -> int:
         return self.sink.getsockname()[1]
 
-    def _take(self):                         # all of it, then close: busybox nc ends on EOF
-        try:
-            conn, _ = self.sink.accept()
-        except OSError:
+    def _take(self):
+        """Take the guest's file: all of it, then close (busybox nc ends on
+        EOF).  No deadline of its own: a loaded guest sent its file over 900 s
+        after the sink opened, into a sink that had stopped accepting, and nc
+        blocked on the full connection.  The guest's run has the deadline;
+        close() ends the wait."""
+        conn = self._wait(self.sink.accept)
+        if conn is None:
             return
-        with conn:
-            conn.settimeout(120)
-            try:
-                while len(self.received) < OUT_SIZE and (chunk := conn.recv(65536)):
-                    self.received.extend(chunk)
-            except OSError:
-                pass
+        with conn[0] as c:
+            c.settimeout(1)
+            while len(self.received) < OUT_SIZE and (chunk := self._wait(lambda: c.recv(65536))):
+                self.received.extend(chunk)
         self.done.set()
+
+    def _wait(self, call):
+        """``call()``'s result, retried on its 1 s timeout until close(); None
+        once closed or on a socket error."""
+        while not self.closed.is_set():
+            try:
+                return call()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return None
+        return None
 
     def hook(self, host: str) -> str:
         return (f"#!/bin/sh\n"
@@ -82,6 +96,7 @@ class Transfer:
         return self.done.wait(timeout)
 
     def close(self):
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.sink.close()
