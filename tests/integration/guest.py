@@ -37,6 +37,7 @@ class Boot:
     lines: list[tuple[float, str]]       # (host time.time() when read, console line)
     stderr: str
     wall: float
+    started: float = 0.0                 # host time.time() when kvmkit was started
 
     @property
     def console(self) -> str:
@@ -64,7 +65,7 @@ def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
     thread, while reading goes on; ``triggers`` are more such (regex, function)
     pairs.  ``stdin`` may be ``subprocess.PIPE``: the functions then type to the
     console through ``proc.stdin``.  ``env``: kvmkit's environment."""
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     pending = [(re.compile(rx), fn) for rx, fn in triggers]
     if when:
         pending.append((re.compile(when), then))
@@ -104,7 +105,8 @@ def run_kvmkit(args: list[str], timeout: float = 900, cwd: Path | None = None,
             proc.stdin.close()
         except OSError:
             pass
-    return Boot(proc.returncode, lines, b"".join(err).decode("utf-8", "replace"), time.monotonic() - t0)
+    return Boot(proc.returncode, lines, b"".join(err).decode("utf-8", "replace"), time.monotonic() - t0,
+                started)
 
 
 def newc(files: dict[str, bytes]) -> bytes:
