@@ -94,9 +94,9 @@ def restored(guest_kit, tmp_path_factory):
     time.sleep(max(0.0, took["at"] + WAIT - time.time()))
     results: dict[int, object] = {}
 
-    def restore(i):
+    def restore(i):                  # deadline for a hung guest: loaded, a count took 30-100 s
         results[i] = run_kvmkit(["-v", "run", "--restore", str(snap), "--name", f"{name}-{i}",
-                                 "--set", f"virtio-blk.0.path={copies[i]}"], timeout=300)
+                                 "--set", f"virtio-blk.0.path={copies[i]}"], timeout=900)
 
     took["restore_at"] = time.time()
     threads = [threading.Thread(target=restore, args=(i,)) for i in range(2)]
