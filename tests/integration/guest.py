@@ -37,7 +37,7 @@ class Boot:
     lines: list[tuple[float, str]]       # (host time.time() when read, console line)
     stderr: str
     wall: float
-    started: float = 0.0                 # host time.time() when kvmkit was started
+    started: float                       # host time.time() when kvmkit was started
 
     @property
     def console(self) -> str:

@@ -23,6 +23,7 @@ pytest.importorskip("kvmkit.device_state", reason="the devices' state (kvmkit.de
 LAST = 8                        # the guest counts to this, then powers off
 SNAPSHOT_AT = 3                 # the count after which the snapshot is taken
 WAIT = 5                        # seconds between the snapshot and the restores
+DEADLINE = 900                  # s, each guest's: for a hung guest (loaded, a count took 30-100 s)
 # On the nested paravirtual host the guest's TSC is the host's (KVM ignores
 # writes to MSR_IA32_TSC there), so a restored guest's clock moves on by the
 # real time since the snapshot whatever kvmkit sets.  A periodic tick kept by
@@ -83,7 +84,7 @@ def restored(guest_kit, tmp_path_factory):
         took["kill"] = subprocess.run(KVMKIT + ["kill", name], capture_output=True, text=True,
                                       timeout=60)
 
-    original = run_kvmkit(["-v", "run", str(m)], timeout=900,
+    original = run_kvmkit(["-v", "run", str(m)], timeout=DEADLINE,
                           when=rf"kvmkit-count: {SNAPSHOT_AT} ", then=take)
     print(original.describe())
     print(took)
@@ -94,9 +95,9 @@ def restored(guest_kit, tmp_path_factory):
     time.sleep(max(0.0, took["at"] + WAIT - time.time()))
     results: dict[int, object] = {}
 
-    def restore(i):                  # deadline for a hung guest: loaded, a count took 30-100 s
+    def restore(i):
         results[i] = run_kvmkit(["-v", "run", "--restore", str(snap), "--name", f"{name}-{i}",
-                                 "--set", f"virtio-blk.0.path={copies[i]}"], timeout=900)
+                                 "--set", f"virtio-blk.0.path={copies[i]}"], timeout=DEADLINE)
 
     took["restore_at"] = time.time()
     threads = [threading.Thread(target=restore, args=(i,)) for i in range(2)]

@@ -35,6 +35,7 @@ MIB = 1 << 20
 FILLER_MIB = 8
 GUEST_FILE_KIB = 1024
 NVRAM_MARK = "kvmkit-nv"
+FORWARD_WAIT = 300              # s: the guest listens on the forwarded port, the host tries it
 
 HOOK = r"""#!/bin/sh
 say() { echo "kvmkit-guest: $*"; }
@@ -88,7 +89,7 @@ kvmkit-rand @OUT_SEED@ @OUT_BYTES@ > /tmp/out
 say "net-out $(sha256sum /tmp/out | cut -d' ' -f1)"
 nc -w 10 10.0.2.2 @SINK_PORT@ < /tmp/out
 printf '#!/bin/sh\nread -r x\necho "guest-got:$x"\n' > /tmp/reply.sh && chmod +x /tmp/reply.sh
-timeout 300 nc -l -p 8080 -e /tmp/reply.sh &
+timeout @FORWARD_WAIT@ nc -l -p 8080 -e /tmp/reply.sh &
 say "forward-listening"
 wait
 
@@ -147,7 +148,7 @@ def guest(guest_kit, tmp_path_factory):
             .replace("@GUEST_BYTES@", str(GUEST_FILE_KIB * 1024)).replace("@FILE_SEED@", str(seed)).replace("@DNS_NAME@", DNS_NAME)
             .replace("@HTTP_PORT@", str(xfer.http_port))
             .replace("@OUT_SEED@", str(xfer.seed)).replace("@OUT_BYTES@", str(OUT_SIZE))
-            .replace("@SINK_PORT@", str(xfer.sink_port)))
+            .replace("@SINK_PORT@", str(xfer.sink_port)).replace("@FORWARD_WAIT@", str(FORWARD_WAIT)))
     initrd = initrd_with_hooks(guest_kit, d / "initrd.cpio", {"userspace": hook})
     ttys1 = d / "ttyS1.sock"
     m = machine_file(d / "userspace.toml", name="userspace", image=guest_kit["ACPI_VMLINUX"],
@@ -186,7 +187,7 @@ def guest(guest_kit, tmp_path_factory):
             s.close()
 
     def connect_forward(proc):
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + FORWARD_WAIT
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", fwd_port), timeout=30) as c:

@@ -62,10 +62,10 @@ class Transfer:
         after the sink opened, into a sink that had stopped accepting, and nc
         blocked on the full connection.  The guest's run has the deadline;
         close() ends the wait."""
-        conn = self._wait(self.sink.accept)
+        conn = self._wait(lambda: self.sink.accept()[0])
         if conn is None:
             return
-        with conn[0] as c:
+        with conn as c:
             c.settimeout(1)
             while len(self.received) < OUT_SIZE and (chunk := self._wait(lambda: c.recv(65536))):
                 self.received.extend(chunk)
@@ -77,7 +77,7 @@ class Transfer:
         while not self.closed.is_set():
             try:
                 return call()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError:
                 return None
