@@ -54,7 +54,7 @@ __all__ = [
     "DeviceError", "PIO", "MMIO", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_FORCED",
     "EXIT_GUEST_PANIC", "EXIT_GUEST_HALTED", "EXIT_STALLED", "ConfigSpace", "VirtioDevice",
     "SplitQueue", "Chain", "VirtqueueError", "QUEUE_KEY", "GuestLog", "listen_unix_socket",
-    "StateUnsupported",
+    "Acceptor", "StateUnsupported",
 ]
 
 PIO = "pio"
@@ -337,6 +337,7 @@ _REEXPORTS = {
     "VirtqueueError": "kvmkit.virtio.queue",
     "GuestLog": "kvmkit.guest_log",        # rate-limited logging of what a guest triggers
     "listen_unix_socket": "kvmkit.host_socket",   # a socket backend's listener
+    "Acceptor": "kvmkit.host_socket",             # accept() that survives EMFILE
     "StateUnsupported": "kvmkit.device_state",    # snapshot_state() of a device that cannot
 }
 

@@ -29,12 +29,13 @@ from .fakes import FakeContext, FakeIrqLine, config, mmio, pio, plugin_manager
 
 __all__ = ["FakeIrqLine", "FakeContext", "pio", "mmio", "config", "plugin_manager",
            "VirtioTestDriver", "EngineHost", "ContractFailure", "KindContract",
-           "FakeMachine", "PciVirtioDriver"]
+           "FakeMachine", "PciVirtioDriver", "descriptors_exhausted"]
 
 # A machine without KVM under the core's real device context, virtio-pci
 # transport and BAR mapping, and a virtio-pci driver for it (snapshot tests):
 # imported on first use.
-_LAZY = {"FakeMachine": "kvmkit.fake_machine", "PciVirtioDriver": "kvmkit.virtio.pci_test_driver"}
+_LAZY = {"FakeMachine": "kvmkit.fake_machine", "PciVirtioDriver": "kvmkit.virtio.pci_test_driver",
+         "descriptors_exhausted": "kvmkit.fd_exhaustion"}
 
 
 def __getattr__(name: str):
