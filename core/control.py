@@ -15,6 +15,13 @@ A request is one JSON object per line, ``{"cmd": "status"}``; the answer is
 
 The runtime directory is ``$XDG_RUNTIME_DIR/kvmkit``, else
 ``/tmp/kvmkit-<uid>``, created with mode 0700.
+
+A client cannot take the socket away from the next one: at most
+``MAX_CONNECTIONS`` are served at once (when all are open, the one idle
+longest is closed with an error line; when all are in a request, the new one
+is refused with one), an answer the client does not read within
+``SEND_DEADLINE_S`` drops it, and when the process is out of descriptors the
+listener rests and retries instead of giving up.
 """
 from __future__ import annotations
 
@@ -24,9 +31,12 @@ import math
 import os
 import socket
 import stat
+import struct
 import threading
+import time
 from pathlib import Path
 
+from .host_socket import Acceptor
 from .plugin_api import EXIT_FORCED
 
 log = logging.getLogger("kvmkit.control")
@@ -34,6 +44,8 @@ log = logging.getLogger("kvmkit.control")
 DEFAULT_STOP_TIMEOUT = 30.0
 MAX_STOP_TIMEOUT = 86400.0          # a day; longer waits are a typo (and overflow timers)
 MAX_REQUEST = 64 * 1024             # bytes in one request line
+MAX_CONNECTIONS = 64                # served at once (a thread each); see ControlServer._admit
+SEND_DEADLINE_S = 10.0              # a client that takes no answer for this long is dropped
 COMMAND_KEYS = {"status": (), "pause": (), "resume": (), "kill": (), "wait": (),
                 "stop": ("timeout",), "snapshot": ("path", "resume")}
 
@@ -182,6 +194,15 @@ def request(name: str, cmd: str, wait_s: float | None = 10, **args) -> dict:
     return json.loads(line)
 
 
+def _send_now(conn: socket.socket, answer: dict) -> None:
+    """Send one answer line if the socket takes it now (never waits: the
+    client may not be reading)."""
+    try:
+        conn.send(json.dumps(answer).encode() + b"\n", socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
 def running_vms() -> list[str]:
     """Names of the VMs with a live control socket; stale sockets are removed."""
     names = []
@@ -204,21 +225,90 @@ class ControlServer:
         self.final: dict | None = None
         self._waiters = 0
         self._waiters_lock = threading.Condition()
+        # Each connection served -> since when it is idle (None: in a request).
+        self._conns: dict[socket.socket, float | None] = {}
+        self._conns_lock = threading.Lock()
+        self.evicted = 0                        # idle connections closed to make room
         self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self.thread.start()
 
     # -- serving -----------------------------------------------------------------------
     def _accept(self) -> None:
+        """Take connections until close(): a failed accept (out of descriptors)
+        rests and retries, and at most ``MAX_CONNECTIONS`` are served at once."""
+        acceptor = Acceptor(self.sock, f"control socket {self.path}")
         while not self._closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+            conn = acceptor.accept()
+            if conn is None:
+                if acceptor.gone:
+                    return
+                self._closed.wait(acceptor.retry_s)    # it failed: rest, then retry
+                continue
+            if self._closed.is_set():
+                conn.close()
                 return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve ``conn`` on a thread of its own, making room if all are taken:
+        the connection idle longest is closed (with an error line), and if every
+        one is in a request (a "wait"), ``conn`` is refused."""
+        with self._conns_lock:
+            if len(self._conns) >= MAX_CONNECTIONS:
+                idle = {c: since for c, since in self._conns.items() if since is not None}
+                if not idle:
+                    _send_now(conn, {"ok": False, "error": f"refused: all {MAX_CONNECTIONS} control "
+                                     "connections are in a request; close one or try again later"})
+                    conn.close()
+                    return
+                oldest = min(idle, key=idle.__getitem__)
+                _send_now(oldest, {"ok": False, "error": f"closed: {MAX_CONNECTIONS} control "
+                                   "connections were open and this one was idle longest"})
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)   # its thread sees EOF and ends
+                except OSError:
+                    pass
+                del self._conns[oldest]                 # its thread will not count against the cap
+                self.evicted += 1
+            self._conns[conn] = time.monotonic()
+        # A client that sends requests but never reads the answers would hold
+        # its thread in sendall() for good, busy and so never closed for room.
+        seconds = int(SEND_DEADLINE_S)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, int((SEND_DEADLINE_S - seconds) * 1e6)))
+        try:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+        except RuntimeError:                            # no thread to be had: say so, serve on
+            self._forget(conn)
+            _send_now(conn, {"ok": False, "error": "refused: the VMM cannot start a thread for "
+                             "this connection"})
+            conn.close()
+
+    def _forget(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._conns.pop(conn, None)
+
+    def _set_busy(self, conn: socket.socket, busy: bool) -> None:
+        with self._conns_lock:
+            if conn in self._conns:             # not if it was closed to make room
+                self._conns[conn] = None if busy else time.monotonic()
+
+    def connections(self) -> int:
+        """Connections being served now."""
+        with self._conns_lock:
+            return len(self._conns)
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        finally:
+            self._forget(conn)
+
+    def _serve_lines(self, conn: socket.socket) -> None:
         """Answer each request line; a malformed one gets an error answer and the
-        connection serves on.  Nothing a client sends ends this thread but EOF."""
+        connection serves on.  It ends at EOF, at an over-long line, when an
+        answer waits ``SEND_DEADLINE_S`` for the client to read, or when
+        :meth:`_admit` closes it to make room."""
         # A reader of its own: BufferedRWPair.readline ignores its limit.
         with conn, conn.makefile("rb") as reader:
             while True:
@@ -233,8 +323,10 @@ class ControlServer:
                     return                      # the rest of the line cannot be told from a request
                 if not line.strip():
                     continue
+                self._set_busy(conn, True)
                 answer, waiting = self._answer(line)
                 sent = self._reply(conn, answer)
+                self._set_busy(conn, False)
                 if waiting:                     # close() waits for this answer to go out
                     with self._waiters_lock:
                         self._waiters -= 1

@@ -191,3 +191,118 @@ def test_wait_answers_when_the_vm_stops(server):
         assert c.answer() == {"ok": True, "result": {"reason": "guest reset", "exit_code": 0}}
     finally:
         c.close()
+
+
+# -- clients that hold on, leak, or never read: the socket stays usable ---------------
+STATUS = b'{"cmd": "status"}'
+RUNNING = {"ok": True, "result": {"name": "fake", "state": "running"}}
+
+
+def wait_until(predicate, deadline_s: float = DEADLINE_S) -> bool:
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def conn_threads() -> int:
+    return sum(t.name == "control-conn" for t in threading.enumerate())
+
+
+def test_running_out_of_descriptors_does_not_end_the_control_socket(server):
+    """Before: the accept thread returned on EMFILE, and the VM answered no
+    request again (`kvmkit stop` timed out) even once descriptors were back."""
+    from kvmkit.testing import descriptors_exhausted
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        with descriptors_exhausted():
+            for s in clients:
+                s.connect(str(server.path))        # queued: accept() fails meanwhile
+            time.sleep(0.5)
+        assert server.thread.is_alive()
+        for s in clients:
+            s.settimeout(DEADLINE_S)
+            s.sendall(STATUS + b"\n")
+            assert json.loads(s.makefile("rb").readline()) == RUNNING
+        c = Client(server.path)                    # and a new client too
+        assert c.ask(STATUS) == RUNNING
+        c.close()
+    finally:
+        for s in clients:
+            s.close()
+
+
+def test_connections_are_bounded_and_the_newest_is_always_served(server):
+    """Before: each connection got a thread for as long as it stayed open, so a
+    script leaking connections grew the VMM without bound."""
+    n = control.MAX_CONNECTIONS + 20
+    base = conn_threads()
+    clients = []
+    try:
+        for i in range(n):
+            clients.append(Client(server.path))
+            assert clients[-1].ask(STATUS) == RUNNING, f"connection {i} was not served"
+        assert server.connections() == control.MAX_CONNECTIONS
+        assert wait_until(lambda: conn_threads() - base <= control.MAX_CONNECTIONS)
+        assert server.evicted == 20
+        for old in clients[:20]:                   # the ones idle longest were closed, with a word
+            closed = old.answer()
+            assert closed["ok"] is False and "idle longest" in closed["error"]
+            assert old.sock.recv(100) == b""
+        assert clients[20].ask(STATUS) == RUNNING  # the rest still serve
+    finally:
+        for c in clients:
+            c.close()
+    assert wait_until(lambda: server.connections() == 0 and conn_threads() == base)
+
+
+def test_when_every_connection_is_in_a_request_a_new_one_is_refused(server, monkeypatch):
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 3)
+    waiters = [Client(server.path) for _ in range(3)]
+    try:
+        for w in waiters:
+            w.send_raw(b'{"cmd": "wait"}\n')
+        assert wait_until(lambda: server._waiters == 3)
+        late = Client(server.path)
+        refused = late.answer()
+        assert refused["ok"] is False and "in a request" in refused["error"]
+        assert late.sock.recv(100) == b""
+        late.close()
+        server.stopped("guest powered off", 0)     # the waits are still answered
+        for w in waiters:
+            assert w.answer() == {"ok": True, "result": {"reason": "guest powered off", "exit_code": 0}}
+    finally:
+        for w in waiters:
+            w.close()
+
+
+def test_a_client_that_never_reads_its_answers_is_dropped(server, monkeypatch):
+    """Before: its thread blocked in sendall() for good once the socket's
+    buffer was full of unread answers."""
+    monkeypatch.setattr(control, "SEND_DEADLINE_S", 0.5)
+    c = Client(server.path)
+    c.sock.setblocking(False)
+    sent, dropped = 0, False
+    try:
+        end = time.monotonic() + DEADLINE_S
+        while time.monotonic() < end and not dropped:  # requests until the server lets go
+            try:
+                sent += c.sock.send(STATUS + b"\n")
+            except BlockingIOError:
+                select_writable(c.sock, 0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+        assert dropped, f"still connected after {sent} bytes of requests"
+        assert wait_until(lambda: server.connections() == 0)
+    finally:
+        c.close()
+    d = Client(server.path)
+    assert d.ask(STATUS) == RUNNING
+    d.close()
+
+
+def select_writable(sock, timeout: float) -> bool:
+    import select
+    return bool(select.select([], [sock], [], timeout)[1])
