@@ -11,7 +11,8 @@ The relay never waits on either side: a client that stops reading gets at
 most ``CLIENT_LIMIT`` bytes queued (then it is dropped: the backlog replays
 on its next attach), one that vanishes (reset, broken pipe) is dropped, and
 input for a guest whose terminal is full is dropped and counted, so the pty
-is always read and the guest's console never fills up.
+is always read and the guest's console never fills up.  When the process is
+out of descriptors, attaching waits until one is free (the relay goes on).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import threading
 import tty
 
 from .control import ControlError, console_path, listen
+from .host_socket import Acceptor
 
 BACKLOG = 64 << 10
 CLIENT_LIMIT = 256 << 10           # output queued for a client that does not read
@@ -43,6 +45,7 @@ class ConsoleRelay:
         self.input_dropped = 0             # client input the guest's terminal had no room for
         os.set_blocking(master_fd, False)
         self.sock.setblocking(False)
+        self.acceptor = Acceptor(self.sock, f"console socket {self.path}")
         self._stop_r, self._stop_w = os.pipe()
         self.thread = threading.Thread(target=self._run, name="console-relay", daemon=True)
         self.thread.start()
@@ -76,9 +79,8 @@ class ConsoleRelay:
             del self._to_client[:n]
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        conn = self.acceptor.accept()
+        if conn is None:
             return
         conn.setblocking(False)
         if self.client is not None:
@@ -103,9 +105,11 @@ class ConsoleRelay:
     def _run(self) -> None:
         while True:
             client = self.client
-            fds = [self.master, self.sock, self._stop_r] + ([client] if client else [])
+            fds = [self.master, self._stop_r] + ([client] if client else [])
+            if self.acceptor.wanted():
+                fds.append(self.sock)
             wfds = [client] if client is not None and self._to_client else []
-            ready, writable, _ = select.select(fds, wfds, [])
+            ready, writable, _ = select.select(fds, wfds, [], self.acceptor.timeout())
             if self._stop_r in ready:
                 return
             if self.sock in ready:

@@ -4,12 +4,14 @@ import os
 import select
 import socket
 import threading
+import time
 import tty
 
 import pytest
 
 from kvmkit.console import ConsoleRelay
 from kvmkit.control import console_path
+from kvmkit.host_socket import ACCEPT_RETRY_S
 
 
 @pytest.fixture
@@ -94,5 +96,23 @@ def test_input_for_a_guest_that_reads_nothing_is_dropped_not_waited_for(relay):
                 break
         assert guest_prints(relay, 100_000)
         assert relay.thread.is_alive()
+    finally:
+        c.close()
+
+
+def test_running_out_of_descriptors_does_not_end_the_relay(relay):
+    """Before: accept() raised EMFILE out of the relay's loop, the relay thread
+    died, and nobody could attach again (and the pty was no longer read)."""
+    from kvmkit.testing import descriptors_exhausted
+    os.write(relay.slave, b"before\r\n")
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with descriptors_exhausted():
+            c.connect(str(console_path("vm")))     # queued: accept() fails meanwhile
+            time.sleep(1.0)
+        assert relay.thread.is_alive()
+        assert relay.acceptor.failures <= 1.0 / ACCEPT_RETRY_S + 2   # rested, did not spin
+        assert b"before" in read_until(c, b"before")   # attached once descriptors were back
+        assert guest_prints(relay, 200_000), "the guest blocked writing its console"
     finally:
         c.close()
