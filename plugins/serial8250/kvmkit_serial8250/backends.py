@@ -27,7 +27,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from kvmkit.plugin_api import DeviceContext, DeviceError, listen_unix_socket
+from kvmkit.plugin_api import Acceptor, DeviceContext, DeviceError, listen_unix_socket
 
 from .escape import HELP, HELP_TEXT, QUIT, EscapeFilter
 
@@ -401,6 +401,7 @@ class SocketBackend(_Reader):
 
     def __init__(self, ctx: DeviceContext, sink: InputSink, path: Path):
         self._listener, self._inode = listen_unix_socket(path, ctx.name)
+        self._acceptor = Acceptor(self._listener, f"{ctx.name} socket {path}")
         super().__init__(ctx, sink)
         self.path = path
         self._lock = threading.Lock()            # guards _client and _out
@@ -446,12 +447,14 @@ class SocketBackend(_Reader):
                 client = self._client
                 want_write = client is not None and bool(self._out)
             room = self._sink.room() if client is not None else 0
-            rlist: list = [self._wake_r, self._listener]
+            rlist: list = [self._wake_r]
+            if self._acceptor.wanted():
+                rlist.append(self._listener)
             if client is not None and room > 0:
                 rlist.append(client)
             try:
                 readable, writable, _ = select.select(rlist, [client] if want_write else [],
-                                                      [], POLL_S)
+                                                      [], self._acceptor.timeout(POLL_S))
             except (OSError, ValueError):
                 return
             if self._wake_r in readable:
@@ -466,9 +469,8 @@ class SocketBackend(_Reader):
                 self._receive(client, room)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
+        conn = self._acceptor.accept()
+        if conn is None:
             return
         conn.setblocking(False)
         with self._lock:

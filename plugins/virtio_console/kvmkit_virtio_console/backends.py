@@ -23,7 +23,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from kvmkit.plugin_api import DeviceContext, DeviceError, listen_unix_socket
+from kvmkit.plugin_api import Acceptor, DeviceContext, DeviceError, listen_unix_socket
 
 POLL_S = 0.2
 CHUNK = 64 * 1024
@@ -319,6 +319,7 @@ class SocketBackend:
         self._ctx, self._link, self._label, self.path = ctx, link, label, Path(path)
         self._console = console
         self._listener, self._inode = listen_unix_socket(self.path, label)
+        self._acceptor = Acceptor(self._listener, f"{label} socket {self.path}")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._client: socket.socket | None = None
@@ -358,11 +359,14 @@ class SocketBackend:
         while not self._closed and not self._ctx.stopping.is_set():
             with self._lock:
                 client, want_write = self._client, bool(self._out)
-            rlist = [self._wake_r, self._listener]
+            rlist = [self._wake_r]
+            if self._acceptor.wanted():
+                rlist.append(self._listener)
             if client is not None and self._link.room() > 0:
                 rlist.append(client)
             try:
-                r, w, _ = select.select(rlist, [client] if client and want_write else [], [], POLL_S)
+                r, w, _ = select.select(rlist, [client] if client and want_write else [], [],
+                                        self._acceptor.timeout(POLL_S))
             except (OSError, ValueError):
                 return
             if self._wake_r in r:
@@ -387,9 +391,8 @@ class SocketBackend:
                     self._hang_up(client)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
+        conn = self._acceptor.accept()
+        if conn is None:
             return
         conn.setblocking(False)
         with self._lock:

@@ -216,14 +216,21 @@ def test_file_console_appends(virtqueue_driver, tmp_path):
     assert log.read_bytes() == b"old\n[    0.000000] Linux version\n"
 
 
+def socket_port(ctx, virtqueue_driver, path):
+    """A started device whose port 1 is a socket at ``path``, its driver ready
+    and the port opened by the guest: (device, guest)."""
+    dev = create(ctx, backend="none", ports=[f"ctl=socket:{path}"])
+    dev.start()
+    g = Guest(dev, virtqueue_driver, ctx)
+    g.send(mp.Message(0, mp.DEVICE_READY, 1), mp.Message(1, mp.PORT_READY, 1),
+           mp.Message(1, mp.PORT_OPEN, 1))
+    return dev, g
+
+
 def test_socket_port_connects_and_hangs_up(virtqueue_driver, tmp_path):
     path = tmp_path / "p.sock"
     with FakeContext() as ctx:
-        dev = create(ctx, backend="none", ports=[f"ctl=socket:{path}"])
-        dev.start()
-        g = Guest(dev, virtqueue_driver, ctx)
-        g.send(mp.Message(0, mp.DEVICE_READY, 1), mp.Message(1, mp.PORT_READY, 1),
-               mp.Message(1, mp.PORT_OPEN, 1))
+        dev, g = socket_port(ctx, virtqueue_driver, path)
         assert mp.Message(1, mp.PORT_OPEN, 1) not in g.control()      # no client yet
         client = socket.socket(socket.AF_UNIX)
         client.connect(str(path))
@@ -240,3 +247,25 @@ def test_socket_port_connects_and_hangs_up(virtqueue_driver, tmp_path):
         assert g.control() == [mp.Message(1, mp.PORT_OPEN, 0)]
         dev.close()
     assert not path.exists()
+
+
+def test_socket_port_rests_while_the_process_is_out_of_descriptors(virtqueue_driver, tmp_path):
+    """Before: accept() failing with EMFILE left the listener readable and the
+    port's loop retried at once, a core at 100 % while descriptors were short."""
+    from kvmkit.host_socket import ACCEPT_RETRY_S
+    from kvmkit.testing import descriptors_exhausted
+    path = tmp_path / "p.sock"
+    with FakeContext() as ctx:
+        dev, g = socket_port(ctx, virtqueue_driver, path)
+        client = socket.socket(socket.AF_UNIX)
+        with descriptors_exhausted():
+            client.connect(str(path))              # queued: accept() fails meanwhile
+            time.sleep(1.0)
+        backend = next(end for _, end in dev.backends if isinstance(end, backends.SocketBackend))
+        assert 1 <= backend._acceptor.failures <= 1.0 / ACCEPT_RETRY_S + 2, backend._acceptor.failures
+        assert wait_for(lambda: dev.model.protocol.host_connected[1])   # served once they are back
+        g.write(1, b"to host")
+        client.settimeout(5)
+        assert client.recv(100) == b"to host"
+        client.close()
+        dev.close()
