@@ -4,6 +4,7 @@ error answer on the same connection, which keeps serving."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -195,6 +196,7 @@ def test_wait_answers_when_the_vm_stops(server):
 
 # -- clients that hold on, leak, or never read: the socket stays usable ---------------
 STATUS = b'{"cmd": "status"}'
+CLEANUP_S = 60.0        # for threads to see EOF and end: seconds under load, but bounded
 RUNNING = {"ok": True, "result": {"name": "fake", "state": "running"}}
 
 
@@ -245,17 +247,25 @@ def test_connections_are_bounded_and_the_newest_is_always_served(server):
             clients.append(Client(server.path))
             assert clients[-1].ask(STATUS) == RUNNING, f"connection {i} was not served"
         assert server.connections() == control.MAX_CONNECTIONS
-        assert wait_until(lambda: conn_threads() - base <= control.MAX_CONNECTIONS)
+        assert wait_until(lambda: conn_threads() - base <= control.MAX_CONNECTIONS, CLEANUP_S)
         assert server.evicted == 20
-        for old in clients[:20]:                   # the ones idle longest were closed, with a word
-            closed = old.answer()
-            assert closed["ok"] is False and "idle longest" in closed["error"]
+        # Closed for room, with a word: the idle longest (an old connection whose
+        # thread was slow to mark itself idle may be passed over for a newer one).
+        # Their lines and EOF were sent before the next client was served.
+        closed = [c for c in clients if select.select([c.sock], [], [], 0)[0]]
+        assert len(closed) == 20
+        for old in closed:
+            word = old.answer()
+            assert word["ok"] is False and "idle longest" in word["error"]
             assert old.sock.recv(100) == b""
-        assert clients[20].ask(STATUS) == RUNNING  # the rest still serve
+        for c in clients:                          # the rest still serve
+            if c not in closed:
+                assert c.ask(STATUS) == RUNNING
     finally:
         for c in clients:
             c.close()
-    assert wait_until(lambda: server.connections() == 0 and conn_threads() == base)
+    # Threads of earlier tests may still have been ending when `base` was taken: <=.
+    assert wait_until(lambda: server.connections() == 0 and conn_threads() <= base, CLEANUP_S)
 
 
 def test_when_every_connection_is_in_a_request_a_new_one_is_refused(server, monkeypatch):
@@ -264,7 +274,7 @@ def test_when_every_connection_is_in_a_request_a_new_one_is_refused(server, monk
     try:
         for w in waiters:
             w.send_raw(b'{"cmd": "wait"}\n')
-        assert wait_until(lambda: server._waiters == 3)
+        assert wait_until(lambda: server._waiters == 3, CLEANUP_S)
         late = Client(server.path)
         refused = late.answer()
         assert refused["ok"] is False and "in a request" in refused["error"]
@@ -291,18 +301,13 @@ def test_a_client_that_never_reads_its_answers_is_dropped(server, monkeypatch):
             try:
                 sent += c.sock.send(STATUS + b"\n")
             except BlockingIOError:
-                select_writable(c.sock, 0.1)
+                select.select([], [c.sock], [], 0.1)
             except (BrokenPipeError, ConnectionResetError):
                 dropped = True
         assert dropped, f"still connected after {sent} bytes of requests"
-        assert wait_until(lambda: server.connections() == 0)
+        assert wait_until(lambda: server.connections() == 0, CLEANUP_S)
     finally:
         c.close()
     d = Client(server.path)
     assert d.ask(STATUS) == RUNNING
     d.close()
-
-
-def select_writable(sock, timeout: float) -> bool:
-    import select
-    return bool(select.select([], [sock], [], timeout)[1])
