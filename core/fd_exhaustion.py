@@ -16,6 +16,10 @@ The soft RLIMIT_NOFILE is lowered to just above the highest descriptor in
 use and every free number below it is taken, so the limit holds for every
 thread of the process; both are undone on leaving the block.  Keep the
 block short: the whole process is out of descriptors while it runs.
+
+A thread already blocked in accept() holds the descriptor it will return
+(the kernel takes it before waiting), so the first connection still gets
+through; connect a throwaway client first to see the second one refused.
 """
 from __future__ import annotations
 
