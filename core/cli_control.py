@@ -70,23 +70,42 @@ def cmd_resume(args) -> int:
     return 0
 
 
-def _wait(name: str) -> int:
-    final = _answer(name, "wait", None)
-    print(f"kvmkit: {name}: {final['reason']} (exit status {final['exit_code']})")
-    return 0
+def _stop_and_wait(name: str, cmd: str, wait: bool, on_result=None, **args) -> None:
+    """Send ``cmd`` (kill or stop), and with ``wait`` "wait" after it on the
+    same connection, then say how the VM ended; ``on_result(result)`` gets
+    ``cmd``'s result as soon as it comes."""
+    from .control import ControlError, exchange
+
+    def answered(reply: dict) -> None:
+        if not reply.get("ok"):
+            raise ControlError(f"{name}: {reply.get('error', 'the VM refused the request')}")
+        if len(answers) == 0 and on_result is not None:
+            on_result(reply["result"])
+        answers.append(reply)
+    answers: list[dict] = []
+    exchange(name, [(cmd, args, 10)] + ([("wait", {}, None)] if wait else []), answered)
+    if not answers:
+        raise ControlError(f"VM {name!r} closed the control connection without answering "
+                           "(it is stopping, or stopped)")
+    if wait and len(answers) < 2:               # it went before it could answer
+        print(f"kvmkit: {name}: stopped (it ended before it could report its exit status)")
+    elif wait:
+        final = answers[1]["result"]
+        print(f"kvmkit: {name}: {final['reason']} (exit status {final['exit_code']})")
 
 
 def cmd_stop(args) -> int:
-    result = _answer(args.name, "stop", 10, timeout=args.timeout)
-    if not result.get("graceful"):
-        print(f"kvmkit: {args.name}: no device can ask the guest to shut down; stopping it by force",
-              file=sys.stderr)
-    return _wait(args.name) if args.wait else 0
+    def forced(result: dict) -> None:
+        if not result.get("graceful"):
+            print(f"kvmkit: {args.name}: no device can ask the guest to shut down; stopping it "
+                  "by force", file=sys.stderr)
+    _stop_and_wait(args.name, "stop", args.wait, forced, timeout=args.timeout)
+    return 0
 
 
 def cmd_kill(args) -> int:
-    _answer(args.name, "kill")
-    return _wait(args.name) if args.wait else 0
+    _stop_and_wait(args.name, "kill", args.wait)
+    return 0
 
 
 def cmd_console(args) -> int:

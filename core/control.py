@@ -46,6 +46,9 @@ MAX_STOP_TIMEOUT = 86400.0          # a day; longer waits are a typo (and overfl
 MAX_REQUEST = 64 * 1024             # bytes in one request line
 MAX_CONNECTIONS = 64                # served at once (a thread each); see ControlServer._admit
 SEND_DEADLINE_S = 10.0              # a client that takes no answer for this long is dropped
+LISTEN_BACKLOG = 64                 # connections the kernel queues before accept()
+CONNECT_RETRY_S = 0.05              # a client's pause before connecting again to a full backlog
+CLOSE_WAIT_S = 2.0                  # how long a stopping VM waits for its clients' answers
 COMMAND_KEYS = {"status": (), "pause": (), "resume": (), "kill": (), "wait": (),
                 "stop": ("timeout",), "snapshot": ("path", "resume")}
 
@@ -139,13 +142,18 @@ def console_path(name: str) -> Path:
 
 
 def _alive(path: Path) -> bool:
+    """Whether a VM listens at ``path``.  Only a refused connection (or no
+    file) says no: a listener whose backlog is full (EAGAIN) is a busy VM,
+    and taking it for a stale socket would unlink a live VM's controls."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2)
     try:
         s.connect(str(path))
         return True
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         return False
+    except OSError:
+        return True
     finally:
         s.close()
 
@@ -167,31 +175,84 @@ def listen(path: Path, what: str) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    s.listen(4)
+    s.listen(LISTEN_BACKLOG)
     return s
+
+
+def _connect(name: str, path: Path, wait_s: float | None) -> socket.socket:
+    """A connection to VM ``name``'s control socket.  A refused connection is
+    a stale socket (removed); a full backlog (EAGAIN: the VM is busy) is
+    retried until ``wait_s`` has passed, and never taken for a stale one."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(wait_s)
+        try:
+            s.connect(str(path))
+            return s
+        except BlockingIOError:
+            s.close()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ControlError(f"VM {name!r} is too busy to take a control connection "
+                                   f"(none taken in {wait_s:g} s); try again") from None
+            time.sleep(CONNECT_RETRY_S)
+        except ConnectionRefusedError:
+            s.close()
+            path.unlink(missing_ok=True)
+            raise ControlError(f"no VM named {name!r} is running (removed its stale socket)") from None
+        except FileNotFoundError:
+            s.close()
+            raise ControlError(f"no VM named {name!r} is running (see kvmkit list)") from None
+        except OSError as e:
+            s.close()
+            raise ControlError(f"cannot reach VM {name!r} at {path}: {e.strerror or e}") from None
 
 
 def request(name: str, cmd: str, wait_s: float | None = 10, **args) -> dict:
     """Send one request to VM ``name`` and return its answer (``wait_s``:
-    how long to wait for it; None waits as long as it takes)."""
+    how long to wait for it; None waits as long as it takes).  Every way
+    this fails is a ControlError."""
+    answers = exchange(name, [(cmd, args, wait_s)])
+    if not answers:
+        raise ControlError(f"VM {name!r} closed the control connection without answering "
+                           "(it is stopping, or stopped)")
+    return answers[0]
+
+
+def exchange(name: str, requests: list[tuple[str, dict, float | None]],
+             on_answer=None) -> list[dict]:
+    """Send ``(cmd, args, wait_s)`` requests to VM ``name`` one after another
+    on one connection, up to the first error answer; their answers.  Fewer
+    answers than requests: the VM closed the connection (it stopped).  A VM
+    that cannot be reached, or that does not answer in time, is a ControlError.
+    ``on_answer(answer)`` is called with each answer as it comes.
+    `kvmkit kill` sends "kill" then "wait" this way: the VM owes an answer
+    to a connection that asked it to stop, so the "wait" is never lost to
+    the VM closing its socket in between."""
     path = socket_path(name)
     if not path.exists():
         raise ControlError(f"no VM named {name!r} is running (see kvmkit list)")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(wait_s)
+    s = _connect(name, path, requests[0][2])
+    answers: list[dict] = []
     try:
-        s.connect(str(path))
-    except OSError:
-        s.close()
-        path.unlink(missing_ok=True)
-        raise ControlError(f"no VM named {name!r} is running (removed its stale socket)") from None
-    with s, s.makefile("rwb") as f:
-        f.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        f.flush()
-        line = f.readline()
-    if not line:
-        raise ControlError(f"VM {name!r} closed the control connection without answering")
-    return json.loads(line)
+        with s, s.makefile("rwb") as f:
+            for cmd, args, wait_s in requests:
+                s.settimeout(wait_s)
+                f.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+                f.flush()
+                line = f.readline()
+                if not line:
+                    break
+                answers.append(json.loads(line))
+                if on_answer is not None:
+                    on_answer(answers[-1])
+                if not answers[-1].get("ok"):
+                    break
+    except TimeoutError:
+        raise ControlError(f"VM {name!r} did not answer {cmd!r} within {wait_s:g} s") from None
+    except OSError:                       # reset or broken pipe: it went away mid-request
+        pass
+    return answers
 
 
 def _send_now(conn: socket.socket, answer: dict) -> None:
@@ -227,6 +288,9 @@ class ControlServer:
         self._waiters_lock = threading.Condition()
         # Each connection served -> since when it is idle (None: in a request).
         self._conns: dict[socket.socket, float | None] = {}
+        # Connections owed an answer before the VM goes (close() waits for them):
+        # admitted and not answered yet, or asked kill/stop and not answered "wait".
+        self._owed: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self.evicted = 0                        # idle connections closed to make room
         self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
@@ -244,9 +308,6 @@ class ControlServer:
                     return
                 self._closed.wait(acceptor.retry_s)    # it failed: rest, then retry
                 continue
-            if self._closed.is_set():
-                conn.close()
-                return
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
@@ -271,6 +332,7 @@ class ControlServer:
                 del self._conns[oldest]                 # its thread will not count against the cap
                 self.evicted += 1
             self._conns[conn] = time.monotonic()
+        self._owe(conn)
         # A client that sends requests but never reads the answers would hold
         # its thread in sendall() for good, busy and so never closed for room.
         seconds = int(SEND_DEADLINE_S)
@@ -287,6 +349,17 @@ class ControlServer:
     def _forget(self, conn: socket.socket) -> None:
         with self._conns_lock:
             self._conns.pop(conn, None)
+        self._settle(conn)
+
+    def _owe(self, conn: socket.socket) -> None:
+        with self._waiters_lock:
+            self._owed.add(conn)
+
+    def _settle(self, conn: socket.socket) -> None:
+        with self._waiters_lock:
+            if conn in self._owed:
+                self._owed.discard(conn)
+                self._waiters_lock.notify_all()
 
     def _set_busy(self, conn: socket.socket, busy: bool) -> None:
         with self._conns_lock:
@@ -324,9 +397,11 @@ class ControlServer:
                 if not line.strip():
                     continue
                 self._set_busy(conn, True)
-                answer, waiting = self._answer(line)
+                answer, waiting, stopping = self._answer(line, conn)
                 sent = self._reply(conn, answer)
                 self._set_busy(conn, False)
+                if not stopping:                # after kill/stop, the "wait" that may follow
+                    self._settle(conn)
                 if waiting:                     # close() waits for this answer to go out
                     with self._waiters_lock:
                         self._waiters -= 1
@@ -342,23 +417,28 @@ class ControlServer:
         except OSError:
             return False
 
-    def _answer(self, line: bytes) -> tuple[dict, bool]:
-        """The answer to one line, and whether it was a counted "wait"."""
+    def _answer(self, line: bytes, conn: socket.socket) -> tuple[dict, bool, bool]:
+        """The answer to one line, whether it was a counted "wait", and whether
+        it stopped the VM (kill/stop: ``conn`` stays owed its "wait" answer)."""
         try:
             req = parse_request(line)
         except RequestError as e:
-            return {"ok": False, "error": str(e)}, False
+            return {"ok": False, "error": str(e)}, False, False
         waiting = req["cmd"] == "wait"
+        stopping = req["cmd"] in ("kill", "stop")
         if waiting:
             with self._waiters_lock:
                 self._waiters += 1
+        if stopping:                            # before the VM can begin to stop
+            self._owe(conn)
         try:
-            return {"ok": True, "result": self.handle(req)}, waiting
+            return {"ok": True, "result": self.handle(req)}, waiting, stopping
         except (RequestError, ControlError) as e:
-            return {"ok": False, "error": str(e)}, waiting
+            return {"ok": False, "error": str(e)}, waiting, False
         except Exception as e:                  # a machine call failed: answer, log, serve on
             log.exception("control request %r failed", req["cmd"])
-            return {"ok": False, "error": f"{req['cmd']} failed: {type(e).__name__}: {e}"}, waiting
+            return ({"ok": False, "error": f"{req['cmd']} failed: {type(e).__name__}: {e}"},
+                    waiting, False)
 
     def handle(self, req: dict):
         """Carry out a request checked by :func:`parse_request`."""
@@ -420,10 +500,29 @@ class ControlServer:
         self._stopped.set()
 
     def close(self) -> None:
-        with self._waiters_lock:               # let "wait" answers go out first
-            self._waiters_lock.wait_for(lambda: self._waiters <= 0, timeout=2)
+        """Stop serving.  No new client can connect from the first step on, and
+        the clients already connected or queued in the listener's backlog get
+        their answers first, as does the "wait" that `kvmkit kill`/`stop` send
+        after their request on the same connection: for up to ``CLOSE_WAIT_S``.
+        Closing again does nothing."""
+        if self._closed.is_set():
+            return
+        self.path.unlink(missing_ok=True)
+        self._drain_backlog()
+        with self._waiters_lock:
+            self._waiters_lock.wait_for(lambda: self._waiters <= 0 and not self._owed,
+                                        timeout=CLOSE_WAIT_S)
         self._closed.set()
-        try:
-            self.sock.close()
-        finally:
-            self.path.unlink(missing_ok=True)
+        self.sock.close()
+
+    def _drain_backlog(self) -> None:
+        """Admit every connection queued on the listener now (the accept thread,
+        blocked in accept(), may take some of them too: it admits them as well)."""
+        self.sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:                     # none left (EAGAIN), or none can be had
+                return
+            conn.setblocking(True)
+            self._admit(conn)

@@ -311,3 +311,172 @@ def test_a_client_that_never_reads_its_answers_is_dropped(server, monkeypatch):
     d = Client(server.path)
     assert d.ask(STATUS) == RUNNING
     d.close()
+
+
+# -- the client's side, and a VM that stops while clients are on their way ------------
+def busy_listener(path):
+    """A listener that never accepts, its backlog full: a VM too busy to accept."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(path))
+    lst.listen(0)
+    queued = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            return lst, queued
+        queued.append(s)
+
+
+def test_a_vm_too_busy_to_accept_is_not_taken_for_a_stale_socket(tmp_path, monkeypatch):
+    """Before: connect() to a full backlog fails with EAGAIN at once, and both
+    `request` (every kvmkit command) and `kvmkit list` took that for a stale
+    socket and unlinked a live VM's control socket: it could never be stopped
+    through it again."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = control.socket_path("busy")
+    lst, queued = busy_listener(path)
+    try:
+        with pytest.raises(control.ControlError, match="too busy"):
+            control.request("busy", "status", wait_s=0.5)
+        assert path.exists()
+        assert control.running_vms() == ["busy"]
+        assert path.exists()
+    finally:
+        for s in queued:
+            s.close()
+        lst.close()
+
+
+def test_a_vm_that_goes_away_mid_request_is_a_one_line_error(tmp_path, monkeypatch):
+    """Before: a reset while reading the answer was a ConnectionResetError
+    traceback out of `kvmkit kill` (seen in a loaded run)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = control.socket_path("gone")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(path))
+    lst.listen(1)
+
+    def take_and_drop():                        # closes with the request unread: a reset
+        conn, _ = lst.accept()
+        time.sleep(0.2)
+        conn.close()
+    t = threading.Thread(target=take_and_drop, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(control.ControlError, match="without answering"):
+            control.request("gone", "kill", wait_s=DEADLINE_S)
+    finally:
+        t.join(DEADLINE_S)
+        lst.close()
+
+
+def test_a_wait_still_queued_when_the_vm_stops_is_answered(server):
+    """`kvmkit kill` asks "wait" on a new connection right after "kill"; the VM
+    may be closing its socket by then.  Before: close() closed the listener
+    with the connection still queued, and the client got a reset."""
+    from kvmkit.testing import descriptors_exhausted
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(DEADLINE_S)
+    try:
+        with descriptors_exhausted():
+            # A blocked accept() holds the descriptor it will return: `first`
+            # takes that one, and the accept thread has none for `c`.
+            first.connect(str(server.path))
+            time.sleep(0.3)
+            c.connect(str(server.path))
+            c.sendall(b'{"cmd": "wait"}\n')
+            server.stopped("killed through the control socket", 3)
+        first.close()
+        server.close()                          # as kvmkit run does once the VM stopped
+        assert json.loads(c.makefile("rb").readline()) == {
+            "ok": True, "result": {"reason": "killed through the control socket", "exit_code": 3}}
+    finally:
+        first.close()
+        c.close()
+
+
+def test_close_waits_for_a_client_that_connected_before_it(server):
+    c = Client(server.path)
+    server.stopped("guest powered off", 0)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    try:
+        time.sleep(0.2)                          # close() is under way
+        assert not server.path.exists()          # no new client can connect
+        assert c.ask(b'{"cmd": "wait"}') == {"ok": True, "result": {"reason": "guest powered off",
+                                                                   "exit_code": 0}}
+    finally:
+        c.close()
+        closer.join(DEADLINE_S)
+    assert not closer.is_alive()
+
+
+def run_cli(*argv) -> int:
+    """`kvmkit ARGV` in this process; fails (never hangs) if it has not
+    returned within the deadline."""
+    from kvmkit.cli import main
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(main(list(argv))), daemon=True)
+    t.start()
+    t.join(DEADLINE_S)
+    assert done, f"kvmkit {' '.join(argv)} did not return within {DEADLINE_S} s"
+    return done[0]
+
+
+def test_kill_asks_wait_on_the_same_connection_and_reports_the_exit_status(server, capsys):
+    """Before: `kvmkit kill` asked "wait" on a second connection, which a VM
+    that stopped at once had closed or never accepted: a reset traceback (rc 1)
+    or "no VM named ... is running" (rc 2), each seen in a loaded run."""
+    def stops_at_once(reason, code):            # as `kvmkit run` does for a tiny VM
+        FakeMachine.request_stop(server.machine, reason, code)
+        threading.Thread(target=lambda: (server.stopped(reason, code), server.close()),
+                         daemon=True).start()
+    server.machine.request_stop = stops_at_once
+    assert run_cli("kill", "vm") == 0
+    assert "vm: killed through the control socket (exit status 3)" in capsys.readouterr().out
+
+
+def test_close_waits_for_the_wait_owed_after_a_kill(server):
+    """A kill's connection is owed its "wait" answer: close() does not go
+    between the kill's answer and the "wait" that follows it."""
+    c = Client(server.path)
+    try:
+        assert c.ask(b'{"cmd": "kill"}') == {"ok": True, "result": {"stopping": True}}
+        server.stopped("killed through the control socket", 3)
+        closer = threading.Thread(target=server.close)
+        closer.start()
+        time.sleep(0.3)                          # the client is slow to ask
+        assert closer.is_alive()
+        assert c.ask(b'{"cmd": "wait"}')["result"]["exit_code"] == 3
+        closer.join(DEADLINE_S)
+        assert not closer.is_alive()
+    finally:
+        c.close()
+
+
+def test_kill_reports_a_vm_that_went_before_answering_wait(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = control.socket_path("gone")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(path))
+    lst.listen(1)
+
+    def answer_kill_then_go():
+        conn, _ = lst.accept()
+        with conn, conn.makefile("rb") as f:
+            assert json.loads(f.readline()) == {"cmd": "kill"}
+            conn.sendall(b'{"ok": true, "result": {"stopping": true}}\n')
+    t = threading.Thread(target=answer_kill_then_go, daemon=True)
+    t.start()
+    try:
+        assert run_cli("kill", "gone") == 0
+        assert "gone: stopped (it ended before it could report its exit status)" in capsys.readouterr().out
+    finally:
+        t.join(DEADLINE_S)
+        lst.close()
