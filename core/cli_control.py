@@ -8,12 +8,17 @@ import argparse
 import sys
 
 
-def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
-    from .control import ControlError, request
-    reply = request(name, cmd, wait_s, **args)
+def _result(name: str, reply: dict):
+    """The result of an answer from VM ``name``; an error answer is a ControlError."""
     if not reply.get("ok"):
+        from .control import ControlError
         raise ControlError(f"{name}: {reply.get('error', 'the VM refused the request')}")
     return reply["result"]
+
+
+def _answer(name: str, cmd: str, wait_s: float | None = 10, **args):
+    from .control import request
+    return _result(name, request(name, cmd, wait_s, **args))
 
 
 def _describe(s: dict) -> str:
@@ -74,24 +79,20 @@ def _stop_and_wait(name: str, cmd: str, wait: bool, on_result=None, **args) -> N
     """Send ``cmd`` (kill or stop), and with ``wait`` "wait" after it on the
     same connection, then say how the VM ended; ``on_result(result)`` gets
     ``cmd``'s result as soon as it comes."""
-    from .control import ControlError, exchange
+    from .control import exchange
+    results: list = []
 
     def answered(reply: dict) -> None:
-        if not reply.get("ok"):
-            raise ControlError(f"{name}: {reply.get('error', 'the VM refused the request')}")
-        if len(answers) == 0 and on_result is not None:
-            on_result(reply["result"])
-        answers.append(reply)
-    answers: list[dict] = []
+        results.append(_result(name, reply))
+        if len(results) == 1 and on_result is not None:
+            on_result(results[0])
     exchange(name, [(cmd, args, 10)] + ([("wait", {}, None)] if wait else []), answered)
-    if not answers:
-        raise ControlError(f"VM {name!r} closed the control connection without answering "
-                           "(it is stopping, or stopped)")
-    if wait and len(answers) < 2:               # it went before it could answer
+    if not wait:
+        return
+    if len(results) < 2:                        # it went before it could answer
         print(f"kvmkit: {name}: stopped (it ended before it could report its exit status)")
-    elif wait:
-        final = answers[1]["result"]
-        print(f"kvmkit: {name}: {final['reason']} (exit status {final['exit_code']})")
+    else:
+        print(f"kvmkit: {name}: {results[1]['reason']} (exit status {results[1]['exit_code']})")
 
 
 def cmd_stop(args) -> int:

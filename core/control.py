@@ -212,11 +212,7 @@ def request(name: str, cmd: str, wait_s: float | None = 10, **args) -> dict:
     """Send one request to VM ``name`` and return its answer (``wait_s``:
     how long to wait for it; None waits as long as it takes).  Every way
     this fails is a ControlError."""
-    answers = exchange(name, [(cmd, args, wait_s)])
-    if not answers:
-        raise ControlError(f"VM {name!r} closed the control connection without answering "
-                           "(it is stopping, or stopped)")
-    return answers[0]
+    return exchange(name, [(cmd, args, wait_s)])[0]
 
 
 def exchange(name: str, requests: list[tuple[str, dict, float | None]],
@@ -224,7 +220,8 @@ def exchange(name: str, requests: list[tuple[str, dict, float | None]],
     """Send ``(cmd, args, wait_s)`` requests to VM ``name`` one after another
     on one connection, up to the first error answer; their answers.  Fewer
     answers than requests: the VM closed the connection (it stopped).  A VM
-    that cannot be reached, or that does not answer in time, is a ControlError.
+    that cannot be reached, that does not answer in time, or that answers
+    not even the first request, is a ControlError.
     ``on_answer(answer)`` is called with each answer as it comes.
     `kvmkit kill` sends "kill" then "wait" this way: the VM owes an answer
     to a connection that asked it to stop, so the "wait" is never lost to
@@ -252,6 +249,9 @@ def exchange(name: str, requests: list[tuple[str, dict, float | None]],
         raise ControlError(f"VM {name!r} did not answer {cmd!r} within {wait_s:g} s") from None
     except OSError:                       # reset or broken pipe: it went away mid-request
         pass
+    if not answers:
+        raise ControlError(f"VM {name!r} closed the control connection without answering "
+                           "(it is stopping, or stopped)")
     return answers
 
 
