@@ -293,6 +293,7 @@ class ControlServer:
         self._owed: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self.evicted = 0                        # idle connections closed to make room
+        self._closing = False                   # close() has begun (it runs once)
         self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self.thread.start()
 
@@ -504,9 +505,11 @@ class ControlServer:
         the clients already connected or queued in the listener's backlog get
         their answers first, as does the "wait" that `kvmkit kill`/`stop` send
         after their request on the same connection: for up to ``CLOSE_WAIT_S``.
-        Closing again does nothing."""
-        if self._closed.is_set():
-            return
+        Closing again, also from another thread at the same time, does nothing."""
+        with self._conns_lock:
+            if self._closing:
+                return
+            self._closing = True
         self.path.unlink(missing_ok=True)
         self._drain_backlog()
         with self._waiters_lock:
